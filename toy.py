@@ -19,7 +19,8 @@ models use. It provides
   - builders for tiny randomly initialised models of the real architecture classes, saved as
     ordinary model directories.
 
-CLI:  python toy.py show --out runs/mini/toy_examples.png     (a picture of the world)
+CLI:  python toy.py show          (a picture of the world: runs/mini/toy_examples.png)
+      python toy.py --help          (every command, e.g. pre-training the tiny policies)
 """
 
 import argparse
@@ -883,34 +884,55 @@ def build_tiny_critic(out_dir, texts, image_size=64, hidden=128, layers=4, heads
     return sum(p.numel() for p in model.parameters())
 
 
+# [section: tiny generation policy (SD3) -- rl_gen]
+
+
+# [section: tiny editing policy (Qwen-Image-Edit) -- rl_edit]
+
+
 # -----------------------------------------------------------------------------
-# a look at the world
+# CLI: each section registers its commands here as name -> (add_arguments(parser), run(args))
+
+COMMANDS = {}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("cmd", choices=["show"])
+def _show_args(ap):
     ap.add_argument("--out", default="runs/mini/toy_examples.png")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+
+
+def _show(args):
+    """A picture of the world: sources, then every simulated editor's output, with execution scores."""
+    from pathlib import Path
+    from common import image_grid
     rng = random.Random(args.seed)
     rows = []
     for i in range(6):
         src = random_scene(rng)
         edit = random_edit(rng, src)
-        row = [render(src, args.size)]
+        row, scores = [render(src, args.size)], []
         for kind in EDITORS:
-            out, deg = simulate_editor(rng, src, edit, kind)
+            out, deg = simulate_editor(random.Random(f"{i}:{kind}"), src, edit, kind)
             row.append(render(out, args.size, deg, seed=i))
-        print(f"{instruction(src, edit)}  ->  " + ", ".join(
-            f"{k}: E{execution_score(src, simulate_editor(random.Random(0), src, edit, k)[0], edit)}" for k in EDITORS))
+            scores.append(f"{kind}: E{execution_score(src, out, edit)}/C{consistency_score(src, out, edit)}")
+        print(f"{instruction(src, edit)}  ->  " + ", ".join(scores))
         rows.append(row)
-    from pathlib import Path
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    from common import image_grid
     image_grid(rows).resize((len(rows[0]) * 130, len(rows) * 130), Image.NEAREST).save(args.out)
     print(f"wrote {args.out} (columns: source, then editors {', '.join(EDITORS)})")
+
+
+COMMANDS["show"] = (_show_args, _show)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="The FIRM miniature world")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, (add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    args = ap.parse_args(argv)
+    COMMANDS[args.cmd][1](args)
 
 
 if __name__ == "__main__":
