@@ -884,6 +884,10 @@ def build_tiny_critic(out_dir, texts, image_size=64, hidden=128, layers=4, heads
     return sum(p.numel() for p in model.parameters())
 
 
+# CLI commands: each section registers its own as name -> (add_arguments(parser), run(args))
+COMMANDS = {}
+
+
 # [section: tiny generation policy (SD3) -- rl_gen]
 
 
@@ -891,9 +895,7 @@ def build_tiny_critic(out_dir, texts, image_size=64, hidden=128, layers=4, heads
 
 
 # -----------------------------------------------------------------------------
-# CLI: each section registers its commands here as name -> (add_arguments(parser), run(args))
-
-COMMANDS = {}
+# CLI
 
 
 def _show_args(ap):
