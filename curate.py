@@ -36,6 +36,7 @@ import base64
 import collections
 import io
 import json
+import os
 import random
 import sys
 import time
@@ -75,7 +76,7 @@ def get_args(argv=None):
     # curation settings
     ap.add_argument("--balance-share", type=float, default=0.1, help="share of edit instructions rewritten to not match (Sec 3.1)")
     ap.add_argument("--val-share", type=float, default=0.05, help="share of SFT records held out for eval loss")
-    ap.add_argument("--ablation-direct", type=int, default=1, help="also write SFT files judged without report/plan")
+    ap.add_argument("--ablation-direct", type=int, default=1, help="also judge without report/plan (ablation SFT files)")
     ap.add_argument("--max-items", type=int, default=None, help="stop after judging this many new items (staged runs)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -337,13 +338,16 @@ def split_val(records, share, seed):
     return [r for r in records if key(r) not in val], [r for r in records if key(r) in val]
 
 
-def write_outputs(args, root):
+def write_outputs(args, root, image_dirs=None):
+    """SFT files under <root>/sft; image paths are rewritten relative to that directory."""
     counts = {}
     for kind, suffix in [("edit", ""), ("gen", ""), ("edit", "_direct"), ("gen", "_direct")]:
         path = root / kind / f"curated{suffix}.jsonl"
         if not path.exists():
             continue
-        recs = sft_records(read_jsonl(path), kind, f"../{kind}/")
+        image_dir = Path((image_dirs or {}).get(kind, root / kind)).resolve()
+        prefix = os.path.relpath(image_dir, (root / "sft").resolve()) + "/"
+        recs = sft_records(read_jsonl(path), kind, prefix)
         train, val = split_val(recs, args.val_share, args.seed)
         write_jsonl(root / "sft" / f"{kind}{suffix}_train.jsonl", train)
         write_jsonl(root / "sft" / f"{kind}{suffix}_val.jsonl", val)
@@ -456,20 +460,27 @@ def main(args):
     write_json(root / "curate_args.json", vars(args))
     curator = Curator(make_backend(args), root, args.max_items)
     if args.edit_candidates or args.gen_candidates:
-        # real data: the manifest's directory becomes the dataset root (relative image paths stay valid)
+        # real data: images stay where the candidate manifest points (paths relative to it)
+        image_dirs = {}
         for kind, path in (("edit", args.edit_candidates), ("gen", args.gen_candidates)):
-            if path:
-                curator.root = Path(path).parent
-                items = real_candidates(path, kind)
-                if kind == "edit":
-                    n_bal = int(len(items) * args.balance_share)
-                    rng = random.Random(args.seed)
-                    for it in rng.sample(items, n_bal):
-                        other = rng.choice(items)
-                        items.append(dict(it, id=it["id"] + ":balanced", instruction=other["instruction"], balanced=True))
-                if not curator.run(kind, items, f"{kind}_curated.jsonl"):
-                    break
+            if not path:
+                continue
+            curator.root = image_dirs[kind] = Path(path).resolve().parent
+            items = real_candidates(path, kind)
+            if kind == "edit":
+                rng = random.Random(args.seed)
+                for it in rng.sample(items, int(len(items) * args.balance_share)):
+                    other = rng.choice([o for o in items if o["instruction"] != it["instruction"]] or items)
+                    items.append(dict(it, id=it["id"] + ":balanced", instruction=other["instruction"], balanced=True))
+            jobs = [False, True] if args.ablation_direct else [False]
+            for direct in jobs:
+                name = f"curated{'_direct' if direct else ''}.jsonl"
+                if not curator.run(kind, items, root.resolve() / kind / name, direct):
+                    print(f"stopped after --max-items {args.max_items}; rerun to resume")
+                    return
+        counts = write_outputs(args, root, image_dirs)
         print(f"judged {curator.stats['judged']} items, {curator.stats['unparseable']} unparseable (see *_failures.jsonl)")
+        print(json.dumps(counts, indent=1))
         return
     if args.judge != "oracle":
         sys.exit("error: the miniature world is judged by the oracle; give --edit-candidates/--gen-candidates for model judges")
