@@ -157,7 +157,7 @@ class ScriptedJudge(curate.ChatBackend):
             return "the circle is now blue"
         if "EXECUTION" in text:
             return 'Looks right. {"reasoning": "done", "score": [4]}'
-        return "Nothing else changed. Score: 5" if "c0" not in self.calls[0] else "no idea"
+        return "Nothing else changed. Score: 5"  # no JSON: the lenient pattern parses it
 
 
 def test_real_data_path_writes_sft_files_relative_to_their_directory(tmp_path, monkeypatch):
