@@ -1,13 +1,65 @@
-"""FIRM critics as rewards: scoring prompts, robust score parsing, CME / QMA fusion (Sec 3.4).
+"""FIRM critics as rewards (Sec 3.4): scoring prompts, robust score parsing, CME / QMA fusion,
+batched critic inference, and a JSON reward server for the RL scripts.
 
-(The critic inference API and the reward server are added below the pure functions.)
+    python reward.py score --model runs/mini/models/edit-critic --input runs/mini/data/bench/edit_execution.jsonl \\
+        --out runs/mini/bench/edit_execution_judgments.jsonl            # a JSONL of items -> judgements (+ MAE)
+    python reward.py serve --model /ckpt/FIRM-Edit-8B                      # one critic for every mode
+    python reward.py serve --edit-model /ckpt/FIRM-Edit-8B --gen-model /ckpt/FIRM-Gen-8B --port 8765
+    FIRM_REWARD_TOKEN=$(openssl rand -hex 16) python reward.py serve --model DIR --host 0.0.0.0   # for other machines
+    curl http://127.0.0.1:8765/health
+
+In Python (the RL scripts): `Critic(dir).score(mode, items)` in process, or `RewardClient(url).score(...)`
+against a server: the same signature, so `edit_rewards(scorer, items)` / `gen_rewards(...)` take either.
+
+HTTP API (JSON bodies, images as base64 PNG/JPEG; field names follow the release's server):
+  POST /score/{execution,consistency,instruction,quality}   (alias /mode/score_<mode>, the release's path)
+       in:  {"images": [b64], "ref_images": [b64] (edit modes: the SOURCE images), "prompts": [str],
+             "metadatas": [{"requirement": str}] (optional), "method": "generate"|"expected", "samples": int}
+       out: {"scores": [n | [a, t, s] | null], "reasonings": [str], "ok": [bool], "errors": [str], "parse_failures": k}
+  POST /reward/edit  (execution + consistency + fused "cme", "sum55", "sum64")
+  POST /reward/gen   (instruction + quality + fused "qma", "instruction")
+  GET  /health   (no token needed: status, modes, queue, items/batches served, parse failures)
+Errors are {"error": "..."} naming the field: 400 malformed, 401 bad token, 413 too large, 503 overloaded.
+
+Departures from the paper and its release:
+  1. JSON over HTTP instead of pickle (a pickle lets any client run code on the server); binds 127.0.0.1
+     unless --host says otherwise; optional bearer token (--token or $FIRM_REWARD_TOKEN); size limits.
+  2. A parse failure is reported with the raw text and counted, never turned into a score (the release
+     returns 0). The RL caller picks what it means: drop the sample from its group or give it reward 0.
+  3. Beyond the paper: method "expected", the expected score sum_k k p(k) over the digit tokens 1-5 at the
+     score position of an answer whose reasoning is skipped (a teacher-forced prefix, ANSWER_PREFIX): one
+     forward pass per score instead of ~100 generated tokens, and continuous. The release has a similar
+     "logits_non_cot" server (digit logits at the first answer token). It asks the critic for a snap
+     judgement it was never trained to give: benchmarks/bench_reward.py measures how far it lies from the
+     generated score before you trust it.
+  4. Beyond the paper: samples=N, EditScore-style self-ensembling (mean of N sampled answers).
+  5. Scores are normalised as (s - 1) / 4 (the paper); the release's default divides by 5.
 """
 
+import argparse
+import base64
+import binascii
+import copy
+import hmac
+import io
 import json
 import math
+import os
+import queue
 import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from common import append_jsonl, die, load_image, read_jsonl, read_jsonl_resumable
 
 # -----------------------------------------------------------------------------
 # scoring prompts (our wording of the rubrics in FIRM_NOTES section 2). The critic is trained on
@@ -47,13 +99,19 @@ PROMPTS = {
 }
 N_SCORES = {"execution": 1, "consistency": 1, "instruction": 1, "quality": 3}
 EDIT_MODES, GEN_MODES = ("execution", "consistency"), ("instruction", "quality")
+# the answer text teacher-forced by the "expected" method: the critic's own format, reasoning left empty.
+# A released checkpoint with other templates can set these in its --prompt-file ("answer_prefix": {...}).
+ANSWER_PREFIX = {"execution": '{"reasoning": "", "score": [', "consistency": '{"reasoning": "", "score": [',
+                 "instruction": "\\boxed{", "quality": '{"reasoning": "", "score": ['}
+SCORE_SEP = ", "  # between the three quality scores
 
 
 def load_prompts(path=None):
-    """The default templates, with any given in a JSON file {mode: template} replacing them."""
-    prompts = dict(PROMPTS)
+    """The default templates, with any given in a JSON file {mode: template, "answer_prefix": {mode: str}} replacing them."""
+    prompts = dict(PROMPTS, answer_prefix=dict(ANSWER_PREFIX))
     if path:
         user = json.loads(Path(path).read_text())
+        prompts["answer_prefix"].update(user.pop("answer_prefix", {}))
         unknown = set(user) - set(PROMPTS)
         if unknown:
             raise ValueError(f"{path}: unknown scoring mode(s) {sorted(unknown)}; expected some of {sorted(PROMPTS)}")
@@ -65,6 +123,16 @@ def build_prompt(mode, text="", requirement=None, prompts=PROMPTS):
     """The user turn for one item. `text` is the edit instruction or the generation prompt."""
     req = f"Requirement: {requirement}\n" if requirement else ""
     return prompts[mode].replace("{instruction}", text).replace("{prompt}", text).replace("{requirement}", req)
+
+
+def critic_messages(mode, n_images, text="", requirement=None, prompts=PROMPTS):
+    """The critic's user turn as chat messages: the images first (source, then edited), then the prompt.
+
+    The same tokens as the SFT records' "<image>" * n + build_prompt(...) (curate.sft_records), so the
+    critic is scored on exactly the input it was trained on. train_reward.py builds its inputs here too.
+    """
+    content = [{"type": "image"} for _ in range(n_images)]
+    return [{"role": "user", "content": content + [{"type": "text", "text": build_prompt(mode, text, requirement, prompts)}]}]
 
 
 # -----------------------------------------------------------------------------
@@ -84,7 +152,9 @@ class Parsed:
 
 def _as_scores(value, n):
     """A JSON "score" value (list / number / numeric string) -> n ints in 1..5, or None."""
-    if isinstance(value, (int, float, str)):
+    if isinstance(value, str):  # "4", "[4]", "4, 5, 3"
+        value = value.strip().strip("[]").split(",")
+    elif isinstance(value, (int, float)):
         value = [value]
     if not isinstance(value, list) or len(value) != n:
         return None
@@ -95,7 +165,7 @@ def _as_scores(value, n):
             if not re.fullmatch(r"[1-5](\.0+)?", v):
                 return None
             v = float(v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not 1 <= v <= 5:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or not 1 <= v <= 5:
             return None
         out.append(int(v))
     return out
@@ -126,10 +196,12 @@ def _json_objects(text):
                     break
 
 
+# (?!\d|\.\d): "45" and "4.5" are not a 4, but the full stop of "The score is 4." is fine
 _PATTERNS = [
-    r"\bscores?\s*(?:is|of|=|:)?\s*\[?\s*([1-5](?:\s*,\s*[1-5])*)\s*\]?(?![\d.])",
-    r"\brating\s*(?:is|of|=|:)?\s*\[?\s*([1-5](?:\s*,\s*[1-5])*)\s*\]?(?![\d.])",
-    r"(?<![\d.])([1-5])\s*/\s*5\b",
+    r'"scores?"\s*:\s*\[?\s*"?([1-5](?:\s*,\s*[1-5])*)(?!\d|\.\d)',  # truncated JSON: "score": [4
+    r"\bscores?\s*(?:is|of|=|:)?\s*\[?\s*([1-5](?:\s*,\s*[1-5])*)\s*\]?(?!\d|\.\d)",
+    r"\brating\s*(?:is|of|=|:)?\s*\[?\s*([1-5](?:\s*,\s*[1-5])*)\s*\]?(?!\d|\.\d)",
+    r"(?<![\d.])([1-5])\s*(?:/|out of)\s*5\b",
 ]
 
 
@@ -137,7 +209,8 @@ def parse_score(text, n=1):
     """Parse a critic answer into n integer scores in 1..5.
 
     Order: a JSON object with a "score" field (list, number or numeric string); then the last
-    \\boxed{...}; then lenient patterns ("score: 4", "Score [3, 4, 5]", "4/5"). Out-of-range or
+    \\boxed{...}; then lenient patterns (a truncated '"score": [4', "score: 4", "Score [3, 4, 5]",
+    "4/5", "4 out of 5"; the last match wins). Out-of-range or
     wrong-count scores and anything unrecognised give Parsed(None, "failed", reason).
     """
     if not isinstance(text, str) or not text.strip():
@@ -205,3 +278,632 @@ def fuse(name, scores):
         return FUSIONS[name](scores)
     except (KeyError, TypeError):
         return None
+
+
+# -----------------------------------------------------------------------------
+# critic inference
+
+
+@dataclass
+class Judgement:
+    scores: list  # N_SCORES[mode] numbers in 1..5 (ints when generated, floats when expected/ensembled); None = failed
+    text: str  # the critic's raw answer (ensembles: the answers joined; "expected": the digit probabilities)
+    ok: bool
+    error: str = ""  # why it failed: the parser's message, or too little probability on the digits
+    how: str = ""  # json | boxed | pattern | expected | ensemble | failed
+
+
+def digit_expectation(logits, digit_ids):
+    """Expected score from next-token logits (B, V): E = sum_k k p(k) / sum_k p(k) over the digits 1..5.
+
+    Returns (expected (B,), mass (B,)): mass = the probability the critic puts on any digit at all. We
+    renormalise over the five digits (the release's logit server also includes "0") and report the mass,
+    so a critic that does not want to write a digit here is visible instead of silently averaged.
+    """
+    p = logits.float().softmax(-1)[:, digit_ids]  # (B, 5)
+    mass = p.sum(-1)
+    return (p * torch.arange(1, 6, dtype=p.dtype, device=p.device)).sum(-1) / mass, mass
+
+
+def item_text(mode, item):
+    """The instruction of an edit item (RL manifests call it "prompt") or the prompt of a gen item."""
+    return item.get("prompt") if mode in GEN_MODES or item.get("instruction") is None else item["instruction"]
+
+
+class Critic:
+    """A critic model directory (tiny critic, Qwen3-VL-8B-Instruct, FIRM-Edit-8B, ...), loaded once.
+
+    score(mode, items, method="generate", samples=1) -> list[Judgement], one per item, in order.
+      edit items ("execution", "consistency"): {"source": PIL, "edited": PIL, "instruction": str (or "prompt"),
+                                                "requirement": str|None}
+      gen items ("instruction", "quality"):    {"image": PIL, "prompt": str, "requirement": str|None}
+      method "generate": batched greedy decoding (left padding, KV cache), then parse_score on the text.
+      method "expected": digit_expectation at each score slot after the teacher-forced ANSWER_PREFIX (no
+             reasoning generated): one forward pass per score (quality: 3, each slot after the argmax digit
+             of the previous one and SCORE_SEP). Fails when the digits get < min_digit_mass of probability.
+      samples > 1 (generate only): N sampled answers per item, scores = mean over those that parsed
+             (EditScore's self-ensemble); fails only when none parsed. Sampling uses the checkpoint's
+             generation_config (temperature, top_p, ...) and torch's global RNG.
+    """
+
+    def __init__(self, model_dir=None, device=None, dtype=None, prompt_file=None, max_new_tokens=256, batch_size=16,
+                 min_digit_mass=0.5, model=None, processor=None):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        if model is None and not Path(model_dir or "").is_dir():  # never a silent hub download
+            raise FileNotFoundError(f"{model_dir}: critic model directory not found")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        # model/processor may be passed in directly (tests use a stub model with the real processor)
+        self.processor = processor or AutoProcessor.from_pretrained(model_dir)
+        self.model = model or AutoModelForImageTextToText.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        self.tok = self.processor.tokenizer
+        self.tok.padding_side = "left"  # the last position of every row is its real last token (generate + digits)
+        if self.processor.chat_template is None:  # a template kept only in chat_template.json is not picked up
+            for name in ("chat_template.jinja", "chat_template.json"):
+                p = Path(model_dir or "") / name
+                if p.is_file():
+                    text = p.read_text()
+                    self.processor.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                    break
+            else:
+                raise ValueError(f"{model_dir}: no chat template (tokenizer_config, chat_template.jinja or .json)")
+        self.prompts = load_prompts(prompt_file)
+        self.max_new_tokens, self.batch_size, self.min_digit_mass = max_new_tokens, batch_size, min_digit_mass
+        self._slots = {}
+
+    # -- inputs
+    def _inputs(self, mode, items):
+        """Chat strings and per-item image lists; a bad item raises ValueError naming its index and field."""
+        texts, images = [], []
+        for i, it in enumerate(items):
+            keys = ("source", "edited") if mode in EDIT_MODES else ("image",)
+            text = item_text(mode, it)
+            for k in keys:
+                if not hasattr(it.get(k), "convert"):
+                    raise ValueError(f"item {i}: field '{k}' must be a PIL image, got {type(it.get(k)).__name__}")
+            if not isinstance(text, str) and mode != "quality":
+                raise ValueError(f"item {i}: field '{'instruction' if mode in EDIT_MODES else 'prompt'}' must be a string")
+            msgs = critic_messages(mode, len(keys), text or "", it.get("requirement"), self.prompts)
+            texts.append(self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+            images.append([it[k].convert("RGB") for k in keys])
+        return texts, images
+
+    def _encode(self, texts, images):
+        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
+        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        return batch
+
+    # -- the two methods
+    @torch.inference_mode()
+    def score(self, mode, items, method="generate", samples=1):
+        if mode not in N_SCORES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {list(N_SCORES)}")
+        if method not in ("generate", "expected"):
+            raise ValueError(f"unknown method {method!r}; expected 'generate' or 'expected'")
+        if samples < 1 or (samples > 1 and method != "generate"):
+            raise ValueError("samples must be >= 1, and > 1 only with method 'generate'")
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            texts, images = self._inputs(mode, items[start:start + self.batch_size])
+            batch = self._encode(texts, images)
+            out += self._generate(mode, batch, samples) if method == "generate" else self._expected(mode, batch)
+        return out
+
+    def _generate(self, mode, batch, samples):
+        gc = copy.deepcopy(self.model.generation_config)
+        gc.update(max_new_tokens=self.max_new_tokens, do_sample=samples > 1, num_return_sequences=samples)
+        if samples == 1:  # greedy: drop the checkpoint's sampling settings (Qwen3-VL ships temperature 0.7 etc.)
+            gc.update(temperature=None, top_p=None, top_k=None)
+        seqs = self.model.generate(**batch, generation_config=gc)
+        texts = self.tok.batch_decode(seqs[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        if samples == 1:
+            return [Judgement(p.scores, t, p.ok, p.error, p.how) for t, p in ((t, parse_score(t, N_SCORES[mode])) for t in texts)]
+        out = []
+        for i in range(0, len(texts), samples):  # generate returns each item's samples next to each other
+            group = texts[i:i + samples]
+            good = [p.scores for p in (parse_score(t, N_SCORES[mode]) for t in group) if p.ok]
+            text = "\n---\n".join(group)
+            if not good:
+                out.append(Judgement(None, text, False, f"none of {samples} samples parsed", "failed"))
+            else:
+                out.append(Judgement([sum(s) / len(good) for s in zip(*good)], text, True,
+                                     f"{samples - len(good)} of {samples} samples did not parse" if len(good) < samples else "", "ensemble"))
+        return out
+
+    def score_slots(self, mode):
+        """Token ids of the forced answer: (prefix_ids, [digit ids per slot], separator ids).
+
+        Found from the tokenizer itself: the five strings prefix + "1".."5" must differ in their last token
+        only (so a tokenizer that writes " 5" after ", " or merges "[5" still gets the right candidates).
+        """
+        if mode not in self._slots:
+            enc = lambda s: self.tok.encode(s, add_special_tokens=False)
+            text, slots, prefix, sep = self.prompts["answer_prefix"][mode], [], None, []
+            for j in range(N_SCORES[mode]):
+                ids = [enc(text + str(k)) for k in range(1, 6)]
+                ctx = ids[0][:-1]
+                if any(x[:-1] != ctx for x in ids) or len({x[-1] for x in ids}) != 5:
+                    raise ValueError(f"method 'expected' needs the digits 1-5 to be single tokens after {text!r}")
+                if j == 0:
+                    prefix = ctx
+                else:  # ctx = previous context + its digit "1" + separator tokens
+                    sep = ctx[len(prev) + 1:]
+                slots.append([x[-1] for x in ids])
+                prev, text = ctx, text + "1" + SCORE_SEP
+            self._slots[mode] = (prefix, slots, sep)
+        return self._slots[mode]
+
+    def _expected(self, mode, batch):
+        prefix, slots, sep = self.score_slots(mode)
+        B = batch["input_ids"].shape[0]
+        ctx = torch.tensor(prefix, dtype=torch.long, device=self.device).repeat(B, 1)  # (B, T) forced answer so far
+        values, masses = [], []
+        for j, digits in enumerate(slots):
+            ids = torch.cat([batch["input_ids"], ctx], 1)
+            inputs = dict(batch, input_ids=ids, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ctx)], 1))
+            if "mm_token_type_ids" in batch:  # the forced answer is text (type 0)
+                inputs["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ctx)], 1)
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]  # (B, V): left padding -> real last token
+            e, m = digit_expectation(logits, digits)
+            values.append(e.tolist())
+            masses.append(m.tolist())
+            if j + 1 < len(slots):  # condition the next score on this one's most likely digit
+                best = torch.tensor(digits, device=self.device)[logits[:, digits].argmax(-1)]
+                ctx = torch.cat([ctx, best[:, None], torch.tensor(sep, dtype=torch.long, device=self.device).repeat(B, 1)], 1)
+        out = []
+        for i in range(B):
+            vals, ms = [v[i] for v in values], [m[i] for m in masses]
+            text = ", ".join(f"E={v:.3f} (digit mass {m:.3f})" for v, m in zip(vals, ms))
+            if min(ms) < self.min_digit_mass:
+                out.append(Judgement(None, text, False, f"digit probability mass {min(ms):.3f} < {self.min_digit_mass} at the score position", "failed"))
+            else:
+                out.append(Judgement(vals, text, True, "", "expected"))
+        return out
+
+
+# -----------------------------------------------------------------------------
+# rewards for the RL scripts: never raise on a parse failure, count it
+
+
+def _rewards(per_mode, fusion, on_failure, n):
+    if on_failure not in ("drop", "min"):
+        raise ValueError(f"on_failure must be 'drop' or 'min', got {on_failure!r}")
+    rewards, failures, sums = [], {m: 0 for m in per_mode}, {m: [] for m in per_mode}
+    for i in range(n):
+        s = {}
+        for m, js in per_mode.items():
+            if js[i].ok:
+                s[m] = js[i].scores if N_SCORES[m] > 1 else js[i].scores[0]
+                sums[m].append(min(s[m]) if N_SCORES[m] > 1 else s[m])
+            else:
+                failures[m] += 1
+        r = fuse(fusion, s)
+        rewards.append(r if r is not None else (None if on_failure == "drop" else 0.0))
+    stats = {"n": n, "parse_failures": failures, "failed": sum(any(not js[i].ok for js in per_mode.values()) for i in range(n)),
+             "mean_score": {m: (sum(v) / len(v) if v else None) for m, v in sums.items()},
+             "errors": [js[i].error for js in per_mode.values() for i in range(n) if not js[i].ok][:5]}
+    return rewards, stats
+
+
+def edit_rewards(scorer, items, fusion="cme", on_failure="drop", method="generate", samples=1):
+    """Edit rewards in [0, 1] from a Critic or a RewardClient: fusion "cme" (paper), "sum55" or "sum64".
+
+    A parse failure in either mode makes that item's reward None with on_failure="drop" (the default:
+    the RL caller drops the sample from its group, so a broken answer neither rewards nor punishes the
+    policy), or 0.0 with on_failure="min". stats: {"n", "parse_failures": {mode: count}, "failed",
+    "mean_score": {mode: mean raw score}, "errors": first few messages}.
+    """
+    if fusion not in ("cme", "sum55", "sum64"):
+        raise ValueError(f"edit fusion must be cme, sum55 or sum64, got {fusion!r}")
+    per_mode = {m: scorer.score(m, items, method=method, samples=samples) for m in EDIT_MODES}
+    return _rewards(per_mode, fusion, on_failure, len(items))
+
+
+def gen_rewards(scorer, items, fusion="qma", on_failure="drop", method="generate", samples=1):
+    """Generation rewards in [0, 1]: fusion "qma" (paper: instruction x quality) or "instruction" alone.
+    Failures as in edit_rewards (default on_failure="drop" -> None)."""
+    if fusion not in ("qma", "instruction"):
+        raise ValueError(f"gen fusion must be qma or instruction, got {fusion!r}")
+    modes = GEN_MODES if fusion == "qma" else ("instruction",)
+    per_mode = {m: scorer.score(m, items, method=method, samples=samples) for m in modes}
+    return _rewards(per_mode, fusion, on_failure, len(items))
+
+
+# -----------------------------------------------------------------------------
+# the wire format (JSON, base64 images; the release's field names) and the client
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status + a message naming the field."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def encode_image(im, fmt="PNG"):
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_image(s, where):
+    if not isinstance(s, str):
+        raise RequestError(400, f"{where}: expected a base64 string, got {type(s).__name__}")
+    try:
+        data = base64.b64decode(s.split(",", 1)[1] if s.startswith("data:") else s, validate=True)
+        im = Image.open(io.BytesIO(data))
+        if im.format not in ("PNG", "JPEG"):
+            raise RequestError(400, f"{where}: {im.format} image; send PNG or JPEG")
+        return im.convert("RGB")
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(400, f"{where}: not valid base64 ({e})") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise RequestError(400, f"{where}: not a readable PNG or JPEG image ({e})") from None
+
+
+def items_to_request(mode, items, fmt="PNG"):
+    edit = mode in EDIT_MODES
+    body = {"images": [encode_image(it["edited" if edit else "image"], fmt) for it in items],
+            "prompts": [item_text(mode, it) or "" for it in items],
+            "metadatas": [{"requirement": it.get("requirement")} for it in items]}
+    if edit:
+        body["ref_images"] = [encode_image(it["source"], fmt) for it in items]
+    return body
+
+
+def request_to_items(kind, body, max_items):
+    """Validate a request body and turn it into Critic items; RequestError(400) names what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    images = body.get("images")
+    if not isinstance(images, list) or not images:
+        raise RequestError(400, "field 'images' must be a non-empty list of base64 images")
+    n = len(images)
+    if n > max_items:
+        raise RequestError(413, f"field 'images': {n} items > the server's limit of {max_items} per request")
+    for field in ("prompts", "ref_images") if kind == "edit" else ("prompts",):
+        v = body.get(field)
+        if not isinstance(v, list) or len(v) != n:
+            raise RequestError(400, f"field '{field}' must be a list with one entry per image ({n}), got "
+                                    f"{len(v) if isinstance(v, list) else type(v).__name__}")
+    metas = body.get("metadatas") or [{}] * n
+    if not isinstance(metas, list) or len(metas) != n or not all(isinstance(m, dict) for m in metas):
+        raise RequestError(400, f"field 'metadatas' must be a list of {n} objects")
+    items = []
+    for i in range(n):
+        if not isinstance(body["prompts"][i], str):
+            raise RequestError(400, f"field 'prompts'[{i}] must be a string")
+        req = metas[i].get("requirement")
+        if req is not None and not isinstance(req, str):
+            raise RequestError(400, f"field 'metadatas'[{i}].requirement must be a string or null")
+        it = {"requirement": req or None, ("instruction" if kind == "edit" else "prompt"): body["prompts"][i]}
+        it["edited" if kind == "edit" else "image"] = decode_image(images[i], f"field 'images'[{i}]")
+        if kind == "edit":
+            it["source"] = decode_image(body["ref_images"][i], f"field 'ref_images'[{i}]")
+        items.append(it)
+    method, samples = body.get("method", "generate"), body.get("samples", 1)
+    if method not in ("generate", "expected"):
+        raise RequestError(400, f"field 'method' must be 'generate' or 'expected', got {method!r}")
+    if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= 32 or (samples > 1 and method != "generate"):
+        raise RequestError(400, "field 'samples' must be an integer in 1..32 (> 1 only with method 'generate')")
+    return items, method, samples
+
+
+def judgements_to_response(mode, js):
+    one = N_SCORES[mode] == 1
+    return {"scores": [(j.scores[0] if one else j.scores) if j.ok else None for j in js], "reasonings": [j.text for j in js],
+            "ok": [j.ok for j in js], "errors": [j.error for j in js], "how": [j.how for j in js],
+            "parse_failures": sum(not j.ok for j in js)}
+
+
+def response_to_judgements(resp):
+    return [Judgement(None if s is None else (s if isinstance(s, list) else [s]), t, ok, e, h)
+            for s, t, ok, e, h in zip(resp["scores"], resp["reasonings"], resp["ok"], resp["errors"], resp["how"])]
+
+
+class RewardClient:
+    """The reward server as a scorer: .score(mode, items, method, samples) like Critic.score.
+
+    Items go in requests of `chunk`; each HTTP call has a `timeout` (s); connection errors, timeouts and
+    5xx answers are retried with exponential backoff (1, 2, 4, ... s); a 4xx answer (a bad request)
+    raises ValueError at once. Keep `timeout` above the time the server needs to work through the
+    requests queued before yours (all RL ranks together): a timed-out call is sent again.
+    """
+
+    def __init__(self, url="http://127.0.0.1:8765", token=None, timeout=600, retries=3, chunk=64):
+        self.url, self.timeout, self.retries, self.chunk = url.rstrip("/"), timeout, retries, chunk
+        self.token = token or os.environ.get("FIRM_REWARD_TOKEN")
+
+    def _call(self, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.token}"} if self.token else {})
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(2 ** (attempt - 1), 30))
+            try:
+                req = urllib.request.Request(self.url + path, data=data, headers=headers, method="POST" if data else "GET")
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                msg = e.read().decode(errors="replace")
+                try:
+                    msg = json.loads(msg)["error"]
+                except (ValueError, KeyError, TypeError):
+                    pass
+                if e.code < 500:
+                    raise ValueError(f"reward server {self.url}{path} refused the request ({e.code}): {msg}") from None
+                last = f"HTTP {e.code}: {msg}"
+            except (urllib.error.URLError, OSError, ValueError) as e:  # refused, reset, timed out, torn answer
+                last = f"{type(e).__name__}: {e}"
+        raise ConnectionError(f"reward server {self.url}{path} failed {self.retries + 1} times; last error: {last}")
+
+    def score(self, mode, items, method="generate", samples=1):
+        out = []
+        for i in range(0, len(items), self.chunk):
+            body = items_to_request(mode, items[i:i + self.chunk]) | {"method": method, "samples": samples}
+            out += response_to_judgements(self._call(f"/score/{mode}", body))
+        return out
+
+    def health(self):
+        return self._call("/health")
+
+
+# -----------------------------------------------------------------------------
+# the reward server: HTTP threads parse and validate; ONE worker thread owns the model(s) and batches
+# the requests of concurrent clients (same mode/method/samples) together up to max_batch items.
+
+
+class Batcher:
+    def __init__(self, critics, max_batch=16, wait_ms=5.0):
+        self.critics, self.max_batch, self.window = critics, max_batch, wait_ms / 1000
+        self.queue, self.t0 = queue.Queue(), time.time()
+        self.stats = {"items": 0, "batches": 0, "requests": 0, "parse_failures": {m: 0 for m in critics}}
+        threading.Thread(target=self._loop, daemon=True, name="critic-worker").start()
+
+    def put(self, mode, items, method, samples):
+        job = {"key": (mode, method, samples), "items": items, "done": threading.Event(), "out": None, "err": None}
+        self.queue.put(job)
+        return job
+
+    def wait(self, job, timeout):
+        if not job["done"].wait(timeout):
+            job["cancelled"] = True  # nobody waits for it any more: the worker skips it
+            raise RequestError(503, f"the critic did not answer within {timeout} s (queue {self.queue.qsize()} jobs)")
+        if job["err"]:
+            raise RuntimeError(job["err"])
+        return job["out"]
+
+    def _loop(self):
+        pending = []
+        while True:
+            if not pending:
+                pending.append(self.queue.get())
+            deadline = time.time() + self.window  # a short window for more requests to join this batch
+            while sum(len(j["items"]) for j in pending if j["key"] == pending[0]["key"]) < self.max_batch:
+                try:
+                    pending.append(self.queue.get(timeout=max(0.0, deadline - time.time())))
+                except queue.Empty:
+                    break
+            pending = [j for j in pending if not j.get("cancelled")]
+            if not pending:
+                continue
+            key, group, n = pending[0]["key"], [], 0
+            for j in pending:
+                if j["key"] == key and (not group or n + len(j["items"]) <= self.max_batch):
+                    group.append(j)
+                    n += len(j["items"])
+            pending = [j for j in pending if not any(j is g for g in group)]
+            mode, method, samples = key
+            try:
+                js = self.critics[mode].score(mode, [it for j in group for it in j["items"]], method=method, samples=samples)
+                self.stats["parse_failures"][mode] += sum(not j.ok for j in js)
+                self.stats["items"] += n
+                self.stats["batches"] += 1
+                for j in group:
+                    j["out"], js = js[:len(j["items"])], js[len(j["items"]):]
+            except Exception as e:  # a crash in the model (e.g. out of memory) fails these requests, never the server
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                for j in group:
+                    j["err"] = f"critic failed: {type(e).__name__}: {e}"
+            for j in group:
+                j["done"].set()
+
+
+def make_server(critics, host="127.0.0.1", port=8765, token=None, max_bytes=64 << 20, max_items=256, max_batch=16,
+                wait_ms=5.0, request_timeout=600, quiet=False):
+    """A ThreadingHTTPServer for critics {mode: Critic}; call .serve_forever() (port 0 = any free port)."""
+    batcher = Batcher(critics, max_batch, wait_ms)
+    fusions = {"edit": ("execution", "consistency", ("cme", "sum55", "sum64")), "gen": ("instruction", "quality", ("qma", "instruction"))}
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 120  # seconds a client may take to send its request (a stalled client frees its thread)
+
+        def log_message(self, fmt, *args):
+            if not quiet:
+                sys.stderr.write(f"[reward] {self.address_string()} {fmt % args}\n")
+
+        def _send(self, status, obj):
+            data = json.dumps(obj).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client left; nothing to tell it
+                pass
+
+        def do_GET(self):
+            if self.path != "/health":
+                return self._send(404, {"error": f"no such endpoint {self.path}; GET /health"})
+            self._send(200, {"status": "ok", "modes": sorted(critics), "queued": batcher.queue.qsize(),
+                             "uptime_s": round(time.time() - batcher.t0, 1), **batcher.stats})
+
+        def do_POST(self):
+            try:
+                self._send(200, self._post())
+            except RequestError as e:
+                self._send(e.status, {"error": str(e)})
+            except Exception as e:  # a bug or a crashed critic fails this request only
+                self._send(500, {"error": f"{type(e).__name__}: {e}"})
+
+        def _read_body(self):
+            """The body, read in full even when refused, so the client gets our answer, not a reset socket."""
+            try:
+                size = int(self.headers.get("Content-Length", -1))
+            except ValueError:
+                size = -1
+            if size < 0:
+                self.close_connection = True
+                raise RequestError(411, "a valid Content-Length header is required")
+            if size > max_bytes:
+                self.close_connection = True
+                left = size if size <= 8 * max_bytes else 0  # drain a moderately large one; drop a huge one
+                while left > 0:
+                    chunk = self.rfile.read(min(1 << 16, left))
+                    left = left - len(chunk) if chunk else 0
+                raise RequestError(413, f"request of {size} bytes > the limit of {max_bytes} bytes (--max-request-mb)")
+            return self.rfile.read(size)
+
+        def _post(self):
+            data = self._read_body()
+            if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+                raise RequestError(401, "missing or wrong bearer token (header 'Authorization: Bearer <token>')")
+            path = self.path.rstrip("/").replace("/mode/score_", "/score/")  # the release's path works too
+            kind = path.split("/")[-1] if path.startswith("/reward/") else None
+            mode = path[len("/score/"):] if path.startswith("/score/") else None
+            if kind not in fusions and mode not in N_SCORES:
+                raise RequestError(404, f"no such endpoint {self.path}; POST /score/<{'|'.join(N_SCORES)}>, /reward/edit, /reward/gen")
+            modes = fusions[kind][:2] if kind else (mode,)
+            missing = [m for m in modes if m not in critics]
+            if missing:
+                raise RequestError(404, f"this server has no critic for {missing}; it serves {sorted(critics)}")
+            try:
+                body = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(400, f"request body is not valid JSON ({e})") from None
+            items, method, samples = request_to_items("edit" if modes[0] in EDIT_MODES else "gen", body, max_items)
+            batcher.stats["requests"] += 1
+            jobs = {m: batcher.put(m, items, method, samples) for m in modes}  # queue all, then wait
+            results = {m: batcher.wait(job, request_timeout) for m, job in jobs.items()}
+            if mode:
+                return judgements_to_response(mode, results[mode])
+            per = {m: judgements_to_response(m, results[m]) for m in modes}
+            out = {k: {m: per[m][k] for m in modes} for k in ("scores", "reasonings", "ok", "errors", "parse_failures")}
+            out["rewards"] = {f: _rewards(results, f, "drop", len(items))[0] for f in fusions[kind][2]}
+            return out
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="FIRM critics: score items or serve rewards")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    serve, score = sub.add_parser("serve", formatter_class=fmt), sub.add_parser("score", formatter_class=fmt)
+    for p in (serve, score):
+        # critic
+        p.add_argument("--model", default=None, help="critic model directory (serve: for every mode)")
+        p.add_argument("--prompt-file", default=None, help="JSON {mode: template, answer_prefix: {...}} a checkpoint was trained with")
+        p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+        p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default bf16 on GPU, fp32 on CPU")
+        p.add_argument("--batch-size", type=int, default=16, help="items per forward/generate batch")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per generated answer")
+        p.add_argument("--min-digit-mass", type=float, default=0.5, help="'expected': fail below this digit probability")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+        p.add_argument("--token", default=os.environ.get("FIRM_REWARD_TOKEN"),
+                       help="bearer token the server requires / the client sends (default $FIRM_REWARD_TOKEN)")
+    # serve
+    serve.add_argument("--edit-model", default=None, help="critic for execution/consistency")
+    serve.add_argument("--gen-model", default=None, help="critic for instruction/quality")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--max-request-mb", type=float, default=64, help="request size limit in MiB")
+    serve.add_argument("--max-items", type=int, default=256, help="items per request")
+    serve.add_argument("--batch-wait-ms", type=float, default=5, help="ms to wait for more requests to join a batch")
+    serve.add_argument("--request-timeout", type=float, default=600, help="s a request may wait for the critic")
+    # score
+    score.add_argument("--url", default=None, help="score through a reward server instead of loading --model")
+    score.add_argument("--input", required=True, help="JSONL: edit {id, source, edited, instruction} or gen {id, image, prompt}")
+    score.add_argument("--out", required=True, help="JSONL of judgements (resumes: ids already there are skipped)")
+    score.add_argument("--mode", default=None, choices=list(N_SCORES), help="default: each row's 'mode' field")
+    score.add_argument("--method", default="generate", choices=["generate", "expected"])
+    score.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")
+    return ap.parse_args(argv)
+
+
+def load_critic(args, path):
+    return Critic(path, args.device, args.dtype, args.prompt_file, args.max_new_tokens, args.batch_size, args.min_digit_mass)
+
+
+def run_serve(args):
+    paths = {m: args.edit_model or args.model for m in EDIT_MODES} | {m: args.gen_model or args.model for m in GEN_MODES}
+    paths = {m: p for m, p in paths.items() if p}
+    if not paths:
+        die("give --model DIR, or --edit-model DIR and/or --gen-model DIR")
+    loaded = {p: load_critic(args, p) for p in set(paths.values())}  # one copy of a model serving several modes
+    server = make_server({m: loaded[p] for m, p in paths.items()}, args.host, args.port, args.token,
+                         int(args.max_request_mb * (1 << 20)), args.max_items, args.batch_size, args.batch_wait_ms,
+                         args.request_timeout)
+    print(f"serving {sorted(paths)} on http://{args.host}:{server.server_address[1]} "
+          f"({'token required' if args.token else 'no token'}; max batch {args.batch_size})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+
+
+def run_score(args):
+    if not (args.url or args.model):
+        die("give --model DIR or --url URL")
+    rows, base = read_jsonl(args.input, required=("id",)), Path(args.input).parent
+    for i, r in enumerate(rows, 1):
+        r["mode"] = args.mode or r.get("mode")
+        if r["mode"] not in N_SCORES:
+            die(f"{args.input}:{i}: no valid 'mode' field ({r['mode']!r}); give --mode")
+        for field in ("source", "edited") if r["mode"] in EDIT_MODES else ("image",):
+            if field not in r:
+                die(f"{args.input}:{i}: missing field '{field}' (mode {r['mode']})")
+    done = {(r["id"], r["mode"]) for r in read_jsonl_resumable(args.out)}
+    todo = [r for r in rows if (r["id"], r["mode"]) not in done]
+    scorer = RewardClient(args.url, args.token) if args.url else load_critic(args, args.model)
+    t0 = time.time()
+    for mode in N_SCORES:
+        group = [r for r in todo if r["mode"] == mode]
+        for i in range(0, len(group), 4 * args.batch_size):  # append every few batches: a killed run resumes
+            chunk = group[i:i + 4 * args.batch_size]
+            keys = ("source", "edited") if mode in EDIT_MODES else ("image",)
+            items = [{**{k: load_image(r[k], base) for k in keys}, "instruction": r.get("instruction"),
+                      "prompt": r.get("prompt"), "requirement": r.get("requirement")} for r in chunk]
+            for r, j in zip(chunk, scorer.score(mode, items, method=args.method, samples=args.samples)):
+                append_jsonl(args.out, {"id": r["id"], "mode": mode, "scores": j.scores, "ok": j.ok, "how": j.how,
+                                        "error": j.error, "text": j.text, "human_score": r.get("human_score")})
+            print(f"{mode}: {min(i + len(chunk), len(group))}/{len(group)} items, {time.time() - t0:.1f} s", flush=True)
+    out = read_jsonl_resumable(args.out)
+    for mode in sorted({r["mode"] for r in out}):
+        rs = [r for r in out if r["mode"] == mode]
+        good = [r for r in rs if r["ok"] and r.get("human_score") is not None]
+        mae = sum(abs(r["scores"][0] - r["human_score"]) for r in good) / len(good) if good else float("nan")
+        print(f"{mode:<12} n={len(rs):<5} parse failures {sum(not r['ok'] for r in rs):<5} MAE vs human_score {mae:.3f} "
+              f"(over {len(good)} parsed items)")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"serve": run_serve, "score": run_score}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""reward.py: fusions, the score parser, critic inference (generate / expected / ensemble), the server + client."""
+
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, GenerationConfig
+
+import reward
+from reward import (Critic, Judgement, RewardClient, cme, digit_expectation, edit_rewards, fuse, gen_rewards,
+                    make_server, parse_score, qma, weighted_sum)
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+def img(color=(200, 30, 30), size=64):
+    return Image.new("RGB", (size, size), color)
+
+
+def edit_items(n, tag=""):
+    return [{"source": img((10 * i, 40, 90)), "edited": img((90, 10 * i, 40)),
+             "instruction": f"Make the circle red{tag} {'now ' * i}", "requirement": None} for i in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# fusions (Sec 3.4), hand-computed
+
+
+def test_cme_is_zero_when_execution_is_zero():
+    assert all(cme(1, c) == 0.0 for c in (1, 2, 3, 4, 5, 4.7))
+
+
+def test_cme_matches_hand_computed_values():
+    assert cme(5, 5) == pytest.approx(1.0)
+    assert cme(5, 1) == pytest.approx(0.6)  # full execution, nothing kept: the base only
+    assert cme(3, 3) == pytest.approx(0.5 * (0.6 + 0.4 * 0.5))  # 0.4
+    assert cme(4, 2) == pytest.approx(0.75 * 0.7)  # 0.525
+    assert cme(4.2, 3.6) == pytest.approx(0.8 * (0.6 + 0.4 * 0.65))  # expected-score floats: 0.688
+
+
+def test_fusions_clip_scores_outside_1_to_5():
+    assert cme(7, 5) == 1.0 and cme(0, 5) == 0.0 and cme(5, 9) == 1.0 and cme(5, -3) == pytest.approx(0.6)
+    assert qma(9, [9, 9, 9]) == 1.0 and qma(0, [5, 5, 5]) == 0.0
+    assert weighted_sum(6, 6) == 1.0 and weighted_sum(0, 0) == 0.0
+
+
+def test_qma_uses_the_minimum_quality_rating():
+    assert qma(5, [5, 5, 5]) == pytest.approx(1.0)
+    assert qma(5, [1, 5, 5]) == pytest.approx(0.4)  # a black silhouette keeps only the base
+    assert qma(3, [4, 2, 5]) == pytest.approx(0.5 * (0.4 + 0.6 * 0.25))  # 0.275
+    assert qma(1, [5, 5, 5]) == 0.0
+
+
+def test_weighted_sums_match_hand_computed_values():
+    assert fuse("sum55", {"execution": 5, "consistency": 1}) == pytest.approx(0.5)
+    assert fuse("sum64", {"execution": 5, "consistency": 1}) == pytest.approx(0.6)
+    assert fuse("sum64", {"execution": 1, "consistency": 5}) == pytest.approx(0.4)  # the no-op editor still earns 0.4
+    assert weighted_sum(3, 4, 0.6) == pytest.approx(0.6 * 0.5 + 0.4 * 0.75)
+
+
+def test_fuse_is_none_when_a_needed_score_is_missing():
+    assert fuse("cme", {"execution": 5}) is None
+    assert fuse("qma", {"instruction": 5}) is None
+    assert fuse("instruction", {"instruction": 5, "quality": None}) == 1.0
+
+
+# -----------------------------------------------------------------------------
+# the parser on realistic messy answers
+
+CORPUS = [  # (text, n, expected scores or None, how)
+    ('{"reasoning": "The cat is now red.", "score": [4]}', 1, [4], "json"),
+    ('Sure! Here is my judgement:\n```json\n{"reasoning": "ok", "score": [5]}\n```\nHope this helps.', 1, [5], "json"),
+    ('{"reasoning": "fine", "score": 3}', 1, [3], "json"),
+    ('{"reasoning": "fine", "score": "2"}', 1, [2], "json"),
+    ('{"reasoning": "fine", "score": "[2]"}', 1, [2], "json"),
+    ('{"reasoning": "fine", "score": [4.0]}', 1, [4], "json"),
+    ('{"reasoning": "crisp", "score": [4, 5, 3]}', 3, [4, 5, 3], "json"),
+    ('{"reasoning": "crisp", "score": "4, 5, 3"}', 3, [4, 5, 3], "json"),
+    ('{"reasoning": "x", "score": [7]}', 1, None, "failed"),  # out of range: never clipped into a score
+    ('{"reasoning": "x", "score": [0]}', 1, None, "failed"),
+    ('{"reasoning": "x", "score": [3.5]}', 1, None, "failed"),
+    ('{"reasoning": "x", "score": [4, 5]}', 3, None, "failed"),  # wrong count
+    ('{"reasoning": "x", "score": NaN}', 1, None, "failed"),
+    ('{"reasoning": "x", "score": true}', 1, None, "failed"),
+    ('{"reasoning": "the score is 3 because", "score": [4', 1, [4], "pattern"),  # truncated JSON
+    ('{"reasoning": "the edit removes the ca', 1, None, "failed"),  # truncated before any score
+    ("1. red circle: yes\n2. top left: no\nOverall: main content right. \\boxed{4}", 1, [4], "boxed"),
+    ("First guess \\boxed{2}, on reflection \\boxed{3}", 1, [3], "boxed"),
+    ("\\boxed{6}", 1, None, "failed"),
+    ("The score is 4.", 1, [4], "pattern"),
+    ("Score: [3, 4, 5]", 3, [3, 4, 5], "pattern"),
+    ("I would rate it 4/5.", 1, [4], "pattern"),
+    ("Rating: 2 out of 5", 1, [2], "pattern"),
+    ("score: 45", 1, None, "failed"),
+    ("score: 4.5", 1, None, "failed"),
+    ("The image looks nice.", 1, None, "failed"),
+    ("", 1, None, "failed"),
+    ("   \n", 1, None, "failed"),
+    (None, 1, None, "failed"),
+]
+
+
+@pytest.mark.parametrize("text,n,scores,how", CORPUS)
+def test_parse_score_on_messy_answers(text, n, scores, how):
+    p = parse_score(text, n)
+    assert (p.scores, p.how) == (scores, how)
+    assert p.ok == (scores is not None) and (p.ok or p.error)  # every failure says why
+
+
+# -----------------------------------------------------------------------------
+# critic inference
+
+
+def test_critic_messages_match_the_sft_records_exactly(mini_data):
+    curated = {r["id"]: r for r in map(json.loads, (mini_data / "edit" / "curated.jsonl").read_text().splitlines())}
+    curated |= {r["id"]: r for r in map(json.loads, (mini_data / "gen" / "curated.jsonl").read_text().splitlines())}
+    for kind in ("edit", "gen"):
+        for rec in map(json.loads, (mini_data / "sft" / f"{kind}_train.jsonl").read_text().splitlines()[:6]):
+            row = curated[rec["id"].rsplit(":", 1)[0]]
+            msgs = reward.critic_messages(rec["mode"], len(rec["images"]), row.get("instruction", row.get("prompt")), row.get("requirement"))
+            parts = msgs[0]["content"]
+            assert [p["type"] for p in parts] == ["image"] * len(rec["images"]) + ["text"]
+            assert "<image>" * len(rec["images"]) + parts[-1]["text"] == rec["messages"][0]["content"]
+
+
+class StubLM(torch.nn.Module):
+    """Stands in for the VLM: the same next-token logits at every position; records its inputs.
+    generate() appends canned answers (cycled) instead of decoding."""
+
+    def __init__(self, tok, logits=None, answers=()):
+        super().__init__()
+        self.tok, self.logits, self.answers, self.seen = tok, logits, list(answers), []
+        self.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def forward(self, input_ids, attention_mask, logits_to_keep=0, **kw):
+        self.seen.append((input_ids, attention_mask))
+        return type("Out", (), {"logits": self.logits.expand(input_ids.shape[0], 1, -1)})
+
+    def generate(self, input_ids, generation_config, **kw):
+        n = input_ids.shape[0] * generation_config.num_return_sequences
+        ans = [self.tok.encode(self.answers[i % len(self.answers)], add_special_tokens=False) + [self.tok.eos_token_id] for i in range(n)]
+        width = max(map(len, ans))
+        ans = torch.tensor([a + [self.tok.pad_token_id] * (width - len(a)) for a in ans])
+        return torch.cat([input_ids.repeat_interleave(generation_config.num_return_sequences, 0), ans], 1)
+
+
+@pytest.fixture(scope="module")
+def processor(critic_base):
+    return AutoProcessor.from_pretrained(critic_base)
+
+
+def stub_critic(processor, **kw):
+    tok = processor.tokenizer
+    return Critic(model=StubLM(tok, **kw), processor=processor, device="cpu", batch_size=4)
+
+
+def test_digit_expectation_matches_a_hand_computed_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5, -1.0, 3.0, 0.0]])  # digits 1..5 at ids 0..4, two other tokens
+    e = [math.exp(x) for x in logits[0].tolist()]
+    z = sum(e)
+    p = [x / z for x in e[:5]]
+    exp, mass = digit_expectation(logits, [0, 1, 2, 3, 4])
+    assert mass.item() == pytest.approx(sum(p), rel=1e-6)
+    assert exp.item() == pytest.approx(sum((k + 1) * pk for k, pk in enumerate(p)) / sum(p), rel=1e-6)
+
+
+def test_expected_method_reads_the_digits_after_the_forced_prefix(processor):
+    tok = processor.tokenizer
+    V = len(tok)
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
+    logits = torch.full((V,), -1e4)
+    logits[digits] = torch.tensor([0.0, 1.0, 2.0, 0.5, -1.0])
+    logits[tok.convert_tokens_to_ids("}")] = 1.5  # some mass off the digits
+    critic = stub_critic(processor, logits=logits)
+    js = critic.score("execution", edit_items(3), method="expected")
+    e = [math.exp(x) for x in [0.0, 1.0, 2.0, 0.5, -1.0]]
+    want = sum((k + 1) * x for k, x in enumerate(e)) / sum(e)
+    assert all(j.ok and j.how == "expected" and j.scores[0] == pytest.approx(want, rel=1e-5) for j in js)
+    assert f"digit mass {sum(e) / (sum(e) + math.exp(1.5)):.3f}" in js[0].text
+    ids, mask = critic.model.seen[-1]
+    prefix = tok.encode(reward.ANSWER_PREFIX["execution"], add_special_tokens=False)
+    assert ids[:, -len(prefix):].tolist() == [prefix] * 3 and mask[:, -1].tolist() == [1, 1, 1]
+
+
+def test_expected_quality_forces_the_argmax_digit_before_the_next_score(processor):
+    tok = processor.tokenizer
+    critic = stub_critic(processor, logits=torch.zeros(len(tok)))
+    prefix, slots, sep = critic.score_slots("quality")
+    logits = torch.full((len(tok),), -1e4)
+    logits[slots[0][2]] = logits[slots[1][2]] = 0.0  # "3" in the first slot, " 3" (or "3") in the later ones
+    critic.model.logits = logits
+    critic.model.seen.clear()
+    j = critic.score("quality", [{"image": img(), "prompt": ""}], method="expected")[0]
+    assert j.ok and j.scores == pytest.approx([3.0, 3.0, 3.0])
+    assert len(critic.model.seen) == 3  # one forward pass per score
+    third = critic.model.seen[2][0][0].tolist()
+    assert third[-(len(prefix) + 2 * (1 + len(sep))):] == prefix + [slots[0][2]] + sep + [slots[1][2]] + sep
+
+
+def test_expected_method_fails_when_the_critic_puts_little_mass_on_digits(processor):
+    critic = stub_critic(processor, logits=torch.zeros(len(processor.tokenizer)))  # uniform: 5/V on digits
+    j = critic.score("execution", edit_items(1), method="expected")[0]
+    assert not j.ok and j.scores is None and "digit probability mass" in j.error
+
+
+def test_generated_answers_are_parsed_and_failures_reported_with_the_text(processor):
+    critic = stub_critic(processor, answers=['{"reasoning": "done", "score": [4]}', "I cannot judge this."])
+    a, b = critic.score("execution", edit_items(2))
+    assert a.ok and a.scores == [4] and a.how == "json" and a.text == '{"reasoning": "done", "score": [4]}'
+    assert not b.ok and b.scores is None and b.text == "I cannot judge this." and b.error == "no score found"
+
+
+def test_self_ensemble_is_the_mean_of_the_samples_that_parsed(processor):
+    critic = stub_critic(processor, answers=['{"score": [4]}', "garbage", '{"score": [5]}'])
+    j = critic.score("execution", edit_items(1), samples=3)[0]
+    assert j.ok and j.scores == [4.5] and j.how == "ensemble" and "1 of 3" in j.error
+    critic.model.answers = ["garbage"]
+    j = critic.score("execution", edit_items(1), samples=3)[0]
+    assert not j.ok and j.scores is None
+
+
+def test_batched_scores_equal_one_at_a_time_scores(critic_base):
+    critic = Critic(critic_base, max_new_tokens=6, batch_size=4, min_digit_mass=0.0)  # the untrained base puts ~0.6% on digits
+    items = edit_items(4)  # different instruction lengths: left padding in the batch
+    batched = critic.score("consistency", items), critic.score("consistency", items, method="expected")
+    critic.batch_size = 1
+    single = critic.score("consistency", items), critic.score("consistency", items, method="expected")
+    assert [j.text for j in batched[0]] == [j.text for j in single[0]]
+    assert [j.scores[0] for j in batched[1]] == pytest.approx([j.scores[0] for j in single[1]], abs=1e-4)
+
+
+def test_untrained_critic_failures_are_counted_never_scored(critic_base):
+    critic = Critic(critic_base, max_new_tokens=4, batch_size=4)
+    rewards, stats = edit_rewards(critic, edit_items(3))
+    assert rewards == [None] * 3 and stats["parse_failures"] == {"execution": 3, "consistency": 3} and stats["failed"] == 3
+
+
+class FakeScorer:
+    """Returns canned judgements per mode: the scorer interface edit_rewards/gen_rewards need."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def score(self, mode, items, method="generate", samples=1):
+        return [Judgement(s, "", s is not None, "" if s is not None else "no score found") for s in self.table[mode]]
+
+
+def test_edit_rewards_drop_or_zero_failed_items():
+    scorer = FakeScorer({"execution": [[5], [3], None], "consistency": [[3], None, [5]]})
+    rewards, stats = edit_rewards(scorer, [{}] * 3, fusion="cme")
+    assert rewards == [pytest.approx(0.8), None, None]
+    assert stats["parse_failures"] == {"execution": 1, "consistency": 1} and stats["failed"] == 2
+    assert edit_rewards(scorer, [{}] * 3, fusion="sum64", on_failure="min")[0] == [pytest.approx(0.8), 0.0, 0.0]
+
+
+def test_gen_rewards_qma_and_instruction_only():
+    scorer = FakeScorer({"instruction": [[5], [3]], "quality": [[5, 1, 5], None]})
+    assert gen_rewards(scorer, [{}] * 2)[0] == [pytest.approx(0.4), None]
+    assert gen_rewards(scorer, [{}] * 2, fusion="instruction")[0] == [1.0, 0.5]
+    with pytest.raises(ValueError):
+        gen_rewards(scorer, [{}] * 2, fusion="cme")
+
+
+# -----------------------------------------------------------------------------
+# the server and client
+
+
+class FakeCritic:
+    """Deterministic per item (score from the prompt), slow enough that concurrent requests queue up."""
+
+    def __init__(self):
+        self.batches = []
+
+    def score(self, mode, items, method="generate", samples=1):
+        self.batches.append(len(items))
+        time.sleep(0.05)
+        out = []
+        for it in items:
+            text = it.get("instruction") or it.get("prompt")
+            if text == "boom":
+                raise RuntimeError("CUDA out of memory (pretend)")
+            s = len(text) % 5 + 1
+            out.append(Judgement([s] * reward.N_SCORES[mode], f"echo {text}", True, "", "json") if "bad" not in text
+                       else Judgement(None, f"echo {text}", False, "no score found", "failed"))
+        return out
+
+
+@pytest.fixture()
+def server():
+    fake = FakeCritic()
+    srv = make_server({m: fake for m in reward.N_SCORES}, port=0, token="s3cret", max_bytes=200_000, max_items=50,
+                      max_batch=16, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", fake
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(url, data, token="s3cret", headers=None):
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=h), timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_answers_concurrent_clients_with_their_own_scores(server):
+    url, fake = server
+    client = RewardClient(url, token="s3cret", timeout=10, retries=0)
+    results, start = {}, threading.Barrier(8)
+
+    def work(k):
+        items = edit_items(3, tag="x" * k)
+        start.wait()  # all clients at once
+        results[k] = ([len(it["instruction"]) % 5 + 1 for it in items], client.score("execution", items))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for want, got in results.values():
+        assert [j.scores[0] for j in got] == want and all(j.ok for j in got)
+    assert max(fake.batches) > 3  # requests of different clients were batched together
+    health = client.health()
+    assert health["status"] == "ok" and health["items"] == 24 and health["batches"] < 8
+
+
+def test_reward_endpoint_returns_fused_rewards_and_parse_status(server):
+    url, _ = server
+    items = edit_items(2)
+    items[1]["instruction"] = "bad answer"
+    status, out = post(url + "/reward/edit", json.dumps(reward.items_to_request("execution", items)).encode())
+    assert status == 200
+    s = out["scores"]["execution"][0]
+    assert out["rewards"]["cme"][0] == pytest.approx(cme(s, s)) and out["rewards"]["cme"][1] is None
+    assert out["ok"]["consistency"] == [True, False] and out["parse_failures"] == {"execution": 1, "consistency": 1}
+    assert out["reasonings"]["execution"][1] == "echo bad answer"
+
+
+def test_server_rejects_bad_requests_with_clear_errors_and_keeps_serving(server):
+    url, _ = server
+    good = reward.items_to_request("execution", edit_items(2))
+    bad_cases = [  # (path, body, token, status, words in the error)
+        ("/score/execution", b"{not json", "s3cret", 400, "not valid JSON"),
+        ("/score/execution", b"[1, 2]", "s3cret", 400, "JSON object"),
+        ("/score/execution", {**good, "images": []}, "s3cret", 400, "'images'"),
+        ("/score/execution", {**good, "prompts": good["prompts"][:1]}, "s3cret", 400, "'prompts'"),
+        ("/score/execution", {k: v for k, v in good.items() if k != "ref_images"}, "s3cret", 400, "'ref_images'"),
+        ("/score/execution", {**good, "images": ["%%%", good["images"][1]]}, "s3cret", 400, "'images'[0]"),
+        ("/score/execution", {**good, "images": [good["images"][0], "aGVsbG8="]}, "s3cret", 400, "'images'[1]"),
+        ("/score/execution", {**good, "method": "vibes"}, "s3cret", 400, "'method'"),
+        ("/score/execution", {**good, "samples": 0}, "s3cret", 400, "'samples'"),
+        ("/score/execution", {**good, "metadatas": [{"requirement": 3}, {}]}, "s3cret", 400, "'metadatas'[0]"),
+        ("/score/execution", {**good, "junk": "x" * 300_000}, "s3cret", 413, "bytes > the limit"),
+        ("/score/execution", {**good, "images": good["images"] * 30, "ref_images": good["ref_images"] * 30,
+                              "prompts": good["prompts"] * 30, "metadatas": None}, "s3cret", 413, "limit of 50"),
+        ("/score/execution", good, None, 401, "bearer token"),
+        ("/score/execution", good, "wrong", 401, "bearer token"),
+        ("/score/beauty", good, "s3cret", 404, "no such endpoint"),
+        ("/score/execution", {**good, "prompts": ["boom", "boom"]}, "s3cret", 500, "out of memory"),
+    ]
+    for path, body, token, status, words in bad_cases:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        code, out = post(url + path, data, token)
+        assert (code, words in out.get("error", "")) == (status, True), (path, words, code, out)
+    code, out = post(url + "/mode/score_execution", json.dumps(good).encode())  # the release's path still works
+    assert code == 200 and len(out["scores"]) == 2 and out["parse_failures"] == 0
+    with pytest.raises(ValueError, match="401"):
+        RewardClient(url, token=None, retries=0).score("execution", edit_items(1))
+
+
+def test_client_gives_up_after_its_retries_with_a_clear_error():
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match="failed 2 times"):
+        RewardClient("http://127.0.0.1:9", timeout=1, retries=1).score("execution", edit_items(1))
+    assert time.time() - t0 < 10
+
+
+def test_server_scores_equal_in_process_scores(critic_base):
+    critic = Critic(critic_base, max_new_tokens=5, batch_size=4)
+    srv = make_server({m: critic for m in reward.N_SCORES}, port=0, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = RewardClient(f"http://127.0.0.1:{srv.server_address[1]}", timeout=30, retries=0)
+        items = [{"image": img((30 * i, 100, 200)), "prompt": f"a blue square {i}"} for i in range(3)]
+        for method in ("generate", "expected"):
+            a, b = critic.score("instruction", items, method=method), client.score("instruction", items, method=method)
+            assert [(j.text, j.ok, j.error) for j in a] == [(j.text, j.ok, j.error) for j in b]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_score_writes_judgements_counts_failures_and_resumes(mini_data, critic_base, tmp_path, capsys):
+    out = tmp_path / "judgements.jsonl"
+    argv = ["score", "--model", str(critic_base), "--input", str(mini_data / "bench" / "edit_execution.jsonl"),
+            "--out", str(out), "--max-new-tokens", "3"]
+    reward.main(argv)
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 30 and all(not x["ok"] and x["error"] and x["scores"] is None for x in rows)  # base never parses
+    assert "parse failures 30" in capsys.readouterr().out
+    reward.main(argv)  # resume: nothing left to do
+    assert len(out.read_text().splitlines()) == 30 and "execution: " not in capsys.readouterr().out
+
+
+def test_cli_serve_answers_the_client_and_the_score_command(mini_data, critic_base, tmp_path):
+    cmd = [sys.executable, str(ROOT / "reward.py"), "serve", "--model", str(critic_base), "--port", "0", "--token", "t0k",
+           "--max-new-tokens", "3", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()  # "serving [...] on http://127.0.0.1:PORT (...)"
+        url = line.split(" on ")[1].split()[0]
+        client = RewardClient(url, token="t0k", timeout=30, retries=0)
+        assert client.health()["modes"] == sorted(reward.N_SCORES)
+        out = tmp_path / "gen.jsonl"
+        reward.main(["score", "--url", url, "--token", "t0k", "--input", str(mini_data / "bench" / "gen.jsonl"), "--out", str(out)])
+        assert len(out.read_text().splitlines()) == 24
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
