@@ -1,0 +1,257 @@
+"""bench.py: metrics against hand-computed values, the bench reader's errors, failure accounting,
+the critics CLI (resume, two ranks under torchrun), policy evaluation with stub policies, the report."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import bench
+import toy
+from common import DataError, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def test_mae_is_mean_absolute_error():
+    assert bench.mae([1, 3, 5], [2, 3, 3]) == pytest.approx(1.0)  # |1-2| + 0 + |5-3| = 3 over 3
+    assert math.isnan(bench.mae([], []))
+
+
+def test_pooled_overall_weights_items_not_groups():
+    execution = ([1, 3, 5], [2, 3, 3])  # MAE 1.0 over 3 items
+    consistency = ([4], [1])  # MAE 3.0 over 1 item
+    # pooled: (1 + 0 + 2 + 3) / 4 = 1.5, not the mean of the two MAEs (2.0)
+    assert bench.pooled_mae([execution, consistency]) == pytest.approx(1.5)
+
+
+def test_pairwise_accuracy_hand_computed():
+    assert bench.pairwise_accuracy([1, 3, 2], [1, 2, 3]) == pytest.approx(2 / 3)  # pair (2,3) reversed
+    assert bench.pairwise_accuracy([3, 3], [1, 2]) == pytest.approx(0.5)  # a tied prediction earns half
+    # the pair with equal human scores is not counted: (2<3 right), (2<3 but 5>4 wrong)
+    assert bench.pairwise_accuracy([1, 5, 4], [2, 2, 3]) == pytest.approx(0.5)
+    assert math.isnan(bench.pairwise_accuracy([1, 2], [3, 3]))
+
+
+def test_spearman_hand_computed_with_and_without_ties():
+    assert bench.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2 / (4*15)
+    # ties get average ranks: x ranks (1.5, 1.5, 3); r = 1.5 / sqrt(1.5 * 2)
+    assert bench.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(3))
+    assert math.isnan(bench.spearman([3, 3, 3], [1, 2, 3]))  # a constant predictor has no correlation
+
+
+def test_group_metrics_count_failures_and_missing_and_charge_worst_error():
+    m = bench.group_metrics([1, 3, 5, 2], [2, "fail", "missing", 2])
+    assert (m["n"], m["parsed"], m["failures"], m["missing"]) == (4, 2, 1, 1)
+    assert m["mae"] == pytest.approx(0.5)  # over the parsed items: (1 + 0) / 2
+    assert m["mae_fail_worst"] == pytest.approx((1 + 2 + 4 + 0) / 4)  # worst error for h=3 is 2, for h=5 is 4
+
+
+def test_confusion_puts_failures_in_the_last_column():
+    m = bench.confusion([1, 5, 3], [1.0, "fail", 3.6])
+    assert m[0][0] == 1 and m[4][5] == 1 and m[2][3] == 1 and sum(map(sum, m)) == 3
+
+
+def test_mean_ci_is_normal_approximation():
+    mean, ci = bench.mean_ci([0.0, 1.0, 0.0, 1.0])
+    assert mean == pytest.approx(0.5)
+    assert ci == pytest.approx(1.96 * math.sqrt(1 / 3) / 2)  # sample std sqrt(1/3), n = 4
+
+
+# -----------------------------------------------------------------------------
+# bench reader
+
+
+def tiny_bench(d, n_exec=3, n_cons=2, n_gen=2):
+    """A mini-layout bench without images (enough for file/constant critics)."""
+    e = lambda s, i, h: {"id": f"{s}{i}", "source": "a.png", "edited": "b.png", "instruction": "do it", "human_score": h}
+    write_jsonl(d / "edit_execution.jsonl", [e("x", i, h) for i, h in enumerate([1, 3, 5][:n_exec])])
+    write_jsonl(d / "edit_consistency.jsonl", [e("c", i, h) for i, h in enumerate([2, 4][:n_cons])])
+    write_jsonl(d / "gen.jsonl", [{"id": f"g{i}", "image": "g.png", "prompt": "a cat", "difficulty": dif, "human_score": h}
+                                  for i, (dif, h) in enumerate([("easy", 4), ("hard", 2)][:n_gen])])
+    return d
+
+
+def test_reader_rejects_missing_field_naming_field_and_line(tmp_path):
+    d = tiny_bench(tmp_path)
+    rows = read_jsonl(d / "edit_execution.jsonl")
+    del rows[1]["human_score"]
+    write_jsonl(d / "edit_execution.jsonl", rows)
+    with pytest.raises(DataError, match=r"edit_execution.jsonl:2: missing field 'human_score'.*--field-map"):
+        bench.read_bench(d)
+
+
+def test_reader_rejects_a_score_outside_1_to_5(tmp_path):
+    d = tiny_bench(tmp_path)
+    rows = read_jsonl(d / "gen.jsonl")
+    rows[0]["human_score"] = 7
+    write_jsonl(d / "gen.jsonl", rows)
+    with pytest.raises(DataError, match=r"gen.jsonl:1: field 'human_score'.*not a score in 1..5"):
+        bench.read_bench(d)
+
+
+def test_field_map_renames_fields_and_rejects_unknown_keys(tmp_path):
+    d = tiny_bench(tmp_path)
+    for f in ("edit_execution", "edit_consistency", "gen"):
+        rows = read_jsonl(d / f"{f}.jsonl")
+        write_jsonl(d / f"{f}.jsonl", [{**{k: v for k, v in r.items() if k != "human_score"}, "rating": {"v": [r["human_score"]]}}
+                                       for r in rows])
+    items = bench.read_bench(d, field_map={"human_score": "rating.v.0"})
+    assert [it["human_score"] for it in items] == [1, 3, 5, 2, 4, 4, 2]
+    with pytest.raises(DataError, match="--field-map key 'gen.humanscore'"):
+        bench.read_bench(d, field_map={"gen.humanscore": "x"})
+
+
+def test_release_layout_joins_human_scores_and_derives_difficulty_from_the_path(tmp_path):
+    g = tmp_path / "FIRM-Bench-Gen"
+    write_jsonl(g / "bench_v1.jsonl", [{"id": 1, "image": ["en/1.png"], "prompt": "a dog"},
+                                       {"id": 2, "image": ["en_long/2.png"], "prompt": "two dogs"}])
+    write_jsonl(g / "result" / "human_bench_v1.jsonl", [{"id": 1, "image": ["en/1.png"], "instruction_following": {"score": [5]}},
+                                                        {"id": 2, "image": ["en_long/2.png"], "instruction_following": {"score": [2]}}])
+    e = tmp_path / "FIRM-Bench-Edit"
+    write_jsonl(e / "bench_v1.jsonl", [{"id": "a", "image": ["s.png", "t.png"], "prompt": "edit"},
+                                       {"id": "b", "image": ["s.png", "t.png"], "prompt": "edit"}])
+    write_jsonl(e / "result" / "human_bench_v1.jsonl", [{"id": "a", "execution": {"score": [4]}},
+                                                        {"id": "b", "execution": {"score": [3]}, "consistency": {"score": [1]}}])
+    items = bench.read_bench(tmp_path, "firm-release")
+    got = {(it["split"], it["id"]): it for it in items}
+    assert {k: v["human_score"] for k, v in got.items()} == {("execution", "a"): 4, ("execution", "b"): 3,
+                                                              ("consistency", "b"): 1, ("gen", 1): 5, ("gen", 2): 2}
+    assert got[("gen", 1)]["difficulty"] == "easy" and got[("gen", 2)]["difficulty"] == "hard"
+    assert got[("consistency", "b")]["edited"] == "t.png" and got[("gen", 1)]["root"].endswith("FIRM-Bench-Gen")
+
+
+# -----------------------------------------------------------------------------
+# critics CLI
+
+
+def test_prediction_file_with_missing_items_and_unparseable_answers_is_reported(tmp_path):
+    d = tiny_bench(tmp_path / "bench")
+    preds = tmp_path / "preds.jsonl"
+    write_jsonl(preds, [{"id": "x0", "mode": "execution", "text": '{"score": [2]}'},  # |2-1| = 1
+                        {"id": "x1", "mode": "execution", "text": "I cannot tell."},  # unparseable
+                        # x2 missing
+                        {"id": "c0", "mode": "consistency", "scores": [2]}, {"id": "c1", "mode": "consistency", "scores": [5]},
+                        {"id": "g0", "text": "\\boxed{4}"}, {"id": "g1", "text": "\\boxed{4}"}])
+    out = tmp_path / "out"
+    bench.main(["critics", "--bench-dir", str(d), "--out", str(out), "--critic", f"p=file:{preds}"])
+    m = json.loads((out / "critics.json").read_text())["critics"]["p"]["metrics"]
+    assert (m["execution"]["failures"], m["execution"]["missing"], m["execution"]["parsed"]) == (1, 1, 1)
+    assert m["execution"]["mae"] == pytest.approx(1.0)
+    assert m["execution"]["mae_fail_worst"] == pytest.approx((1 + 2 + 4) / 3)  # h=3 fails (2), h=5 missing (4)
+    assert m["edit_overall"]["mae"] == pytest.approx((1 + 0 + 1) / 3)  # pooled over parsed x0, c0, c1
+    assert m["gen_easy"]["mae"] == 0 and m["gen_hard"]["mae"] == 2
+    md = (out / "critics.md").read_text()
+    assert "| p |" in md and "1/7 (14%) | 1 |" in md  # failures and missing visible in the table
+    assert (out / "confusion_p.png").is_file()
+    # a changed prediction file (another critic) is not mixed with the saved predictions: they are redone
+    write_jsonl(preds, [{"id": i, "scores": [3]} for i in ("x0", "x1", "x2", "c0", "c1", "g0", "g1")])
+    bench.main(["critics", "--bench-dir", str(d), "--out", str(out), "--critic", f"p=file:{preds}"])
+    m = json.loads((out / "critics.json").read_text())["critics"]["p"]["metrics"]
+    assert m["edit_overall"]["parsed"] == 5 and m["execution"]["mae"] == pytest.approx((2 + 0 + 2) / 3)
+
+
+def test_critics_cli_on_miniature_bench_counts_base_failures_and_resumes(mini_data, critic_base, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["critics", "--bench-dir", str(mini_data / "bench"), "--out", str(out), "--limit", "4", "--max-new-tokens", "8",
+            "--sft-dir", str(mini_data / "sft"), "--threads", "1", "--critic", f"base={critic_base}", "--critic", "constant=constant",
+            "--critic", "teacher=oracle:0.15:report", "--critic", "missing=/nonexistent/critic@edit"]
+    bench.main(argv)
+    res = json.loads((out / "critics.json").read_text())["critics"]
+    base = res["base"]["metrics"]
+    assert base["edit_overall"]["failures"] + base["edit_overall"]["parsed"] == 8  # every item counted, none dropped
+    assert res["teacher"]["metrics"]["gen_overall"]["parsed"] == 4
+    assert res["missing"]["note"].startswith("skipped: not found")
+    assert "| missing |" in (out / "critics.md").read_text()
+    # a killed run: keep 3 predictions of the base critic; the rerun scores only the rest
+    pf = out / "preds" / "base" / "predictions.jsonl"
+    pf.write_text("".join(pf.read_text().splitlines(True)[:3]))
+    capsys.readouterr()
+    bench.main(argv)
+    log = capsys.readouterr().out
+    assert "[base] rank 0: execution 1/1" in log and "[teacher] rank 0" not in log
+    assert len(read_jsonl(pf)) == 12 and json.loads((out / "critics.json").read_text())["critics"]["base"] == res["base"]
+
+
+def test_two_ranks_under_torchrun_shard_and_merge_like_one(mini_data, tmp_path):
+    common = ["critics", "--bench-dir", str(mini_data / "bench"), "--limit", "5", "--critic", "teacher=oracle:0.15",
+              "--critic", "three=constant:3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "bench.py")]
+    r = subprocess.run(cmd + common + ["--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bench.main(common + ["--out", str(tmp_path / "one")])
+    two, one = (json.loads((tmp_path / o / "critics.json").read_text())["critics"] for o in ("two", "one"))
+    assert all(two[c]["metrics"] == one[c]["metrics"] for c in ("teacher", "three"))
+    keys = [r["key"] for r in read_jsonl(tmp_path / "two" / "preds" / "teacher" / "predictions.jsonl")]
+    assert len(keys) == len(set(keys)) == 15 and not list((tmp_path / "two" / "preds").glob("*/part-*.jsonl"))
+
+
+# -----------------------------------------------------------------------------
+# policy evaluation (stub policies: base draws nothing / leaves the source, tuned draws the exact target)
+
+
+def stub_policies(monkeypatch, gen_recs, edit_recs):
+    S = toy.Scene.from_dict
+    by_prompt = {r["prompt"]: S(r["toy"]["scene"]) for r in gen_recs}
+    by_instr = {r["prompt"]: S(r["toy"]["target_scene"]) for r in edit_recs}
+    gen = types.SimpleNamespace(load_generator=lambda model_dir, lora_dir=None, device=None: lora_dir,
+                                generate=lambda g, prompts, seeds, steps=10: [
+                                    toy.render(by_prompt[p], 32) if g else toy.render(toy.Scene("white", []), 32) for p in prompts])
+    edit = types.SimpleNamespace(load_editor=lambda model_dir, lora_dir=None, device=None: lora_dir,
+                                 edit=lambda e, images, instructions, seeds, steps=6: [
+                                     toy.render(by_instr[t], im.width) if e else im for im, t in zip(images, instructions)])
+    monkeypatch.setitem(sys.modules, "rl_gen", gen)
+    monkeypatch.setitem(sys.modules, "rl_edit", edit)
+
+
+def test_policy_eval_with_pixel_judge_reports_gain_with_ci_writes_grid_and_resumes(mini_data, tmp_path, monkeypatch, capsys):
+    gen_recs, edit_recs = read_jsonl(mini_data / "rl" / "gen_test.jsonl"), read_jsonl(mini_data / "rl" / "edit_test.jsonl")
+    stub_policies(monkeypatch, gen_recs, edit_recs)
+    for kind, recs in (("gen", gen_recs), ("edit", edit_recs)):
+        out = tmp_path / f"policy_{kind}"
+        bench.main(["policy", "--kind", kind, "--base", "unused", "--tuned", "lora", "--prompts", str(mini_data / "rl" / f"{kind}_test.jsonl"),
+                    "--samples-per-prompt", "2", "--out", str(out)])
+        res = json.loads((out / "policy.json").read_text())
+        base, tuned = res["variants"]["base"], res["variants"]["tuned"]
+        assert base["n"] == tuned["n"] == 2 * len(recs) and tuned["failures"] == 0
+        assert tuned["mean"] > 0.95 > base["mean"] and res["tuned_minus_base"]["mean"] > 0.3
+        assert (out / "grid.png").is_file() and "tuned - base" in (out / "policy.md").read_text()
+        capsys.readouterr()
+        bench.main(["policy", "--kind", kind, "--base", "unused", "--tuned", "lora", "--prompts", str(mini_data / "rl" / f"{kind}_test.jsonl"),
+                    "--samples-per-prompt", "2", "--out", str(out)])
+        assert "did" not in capsys.readouterr().out  # a finished run resumes to nothing to do
+        seeds = sorted(r["seed"] for r in read_jsonl(out / "scores-base-0.jsonl"))
+        assert seeds == sorted(r["seed"] for r in read_jsonl(out / "scores-tuned-0.jsonl")) == list(range(1000, 1000 + 2 * len(recs)))
+
+
+# -----------------------------------------------------------------------------
+# report
+
+
+def test_report_gathers_what_exists_and_names_what_is_missing(tmp_path):
+    root = tmp_path / "mini"
+    (root / "bench").mkdir(parents=True)
+    (root / "bench" / "critics.md").write_text("| critic | exec MAE |\n|---|---|\n| c | 0.40 |\n")
+    write_jsonl(root / "rl_gen" / "metrics.jsonl", [{"step": s, "reward": 0.5 + 0.01 * s, "loss": 1.0} for s in range(20)])
+    write_jsonl(root / "rl_edit_cme" / "metrics.jsonl", [{"step": 0, "eval_reward": 0.2}, {"step": 1, "reward": 0.3}, {"step": 2, "eval_reward": 0.4}])
+    bench.main(["report", "--root", str(root)])
+    md = (root / "REPORT.md").read_text()
+    assert "| c | 0.40 |" in md and "| rl_gen | 20 | 0.500 | 0.685 | — |" in md
+    assert "| rl_edit_cme | 3 | 0.300 | 0.300 | eval_reward 0.200 -> 0.400 |" in md  # eval rows inside metrics.jsonl
+    assert (root / "report" / "rl_gen_reward.png").is_file()
+    assert "_missing: run `python bench.py policy" in md
