@@ -38,12 +38,10 @@ Departures from the paper and its release:
 
 import argparse
 import base64
-import binascii
 import copy
 import hmac
 import io
 import json
-import math
 import os
 import queue
 import re
@@ -57,7 +55,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from common import append_jsonl, die, load_image, read_jsonl, read_jsonl_resumable
 
@@ -99,6 +97,7 @@ PROMPTS = {
 }
 N_SCORES = {"execution": 1, "consistency": 1, "instruction": 1, "quality": 3}
 EDIT_MODES, GEN_MODES = ("execution", "consistency"), ("instruction", "quality")
+IMAGE_FIELDS = {m: ("source", "edited") if m in EDIT_MODES else ("image",) for m in N_SCORES}  # in the critic's order
 # the answer text teacher-forced by the "expected" method: the critic's own format, reasoning left empty.
 # A released checkpoint with other templates can set these in its --prompt-file ("answer_prefix": {...}).
 ANSWER_PREFIX = {"execution": '{"reasoning": "", "score": [', "consistency": '{"reasoning": "", "score": [',
@@ -107,14 +106,14 @@ SCORE_SEP = ", "  # between the three quality scores
 
 
 def load_prompts(path=None):
-    """The default templates, with any given in a JSON file {mode: template, "answer_prefix": {mode: str}} replacing them."""
+    """The default templates, replaced by any in a JSON file {mode: template, "answer_prefix": {mode: str}}."""
     prompts = dict(PROMPTS, answer_prefix=dict(ANSWER_PREFIX))
     if path:
         user = json.loads(Path(path).read_text())
         prompts["answer_prefix"].update(user.pop("answer_prefix", {}))
-        unknown = set(user) - set(PROMPTS)
-        if unknown:
-            raise ValueError(f"{path}: unknown scoring mode(s) {sorted(unknown)}; expected some of {sorted(PROMPTS)}")
+        if set(user) - set(PROMPTS):
+            raise ValueError(f"{path}: unknown scoring mode(s) {sorted(set(user) - set(PROMPTS))}; "
+                             f"expected some of {sorted(PROMPTS)}")
         prompts.update(user)
     return prompts
 
@@ -126,18 +125,14 @@ def build_prompt(mode, text="", requirement=None, prompts=PROMPTS):
 
 
 def critic_messages(mode, n_images, text="", requirement=None, prompts=PROMPTS):
-    """The critic's user turn as chat messages: the images first (source, then edited), then the prompt.
-
-    The same tokens as the SFT records' "<image>" * n + build_prompt(...) (curate.sft_records), so the
-    critic is scored on exactly the input it was trained on. train_reward.py builds its inputs here too.
-    """
-    content = [{"type": "image"} for _ in range(n_images)]
-    return [{"role": "user", "content": content + [{"type": "text", "text": build_prompt(mode, text, requirement, prompts)}]}]
+    """The user turn as chat messages, images first (source, then edited): the same tokens as the SFT records'
+    "<image>" * n + build_prompt(...) (curate.py), so the critic is scored on exactly the input it was trained on."""
+    prompt = {"type": "text", "text": build_prompt(mode, text, requirement, prompts)}
+    return [{"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [prompt]}]
 
 
 # -----------------------------------------------------------------------------
 # score parsing: JSON, then \boxed{}, then lenient patterns. Anything else is a failure, never a number.
-
 
 @dataclass
 class Parsed:
@@ -151,49 +146,20 @@ class Parsed:
 
 
 def _as_scores(value, n):
-    """A JSON "score" value (list / number / numeric string) -> n ints in 1..5, or None."""
-    if isinstance(value, str):  # "4", "[4]", "4, 5, 3"
+    """A "score" value (list, number, or a string "4" / "[4]" / "4, 5, 3") -> n ints in 1..5, or None."""
+    if isinstance(value, str):
         value = value.strip().strip("[]").split(",")
-    elif isinstance(value, (int, float)):
-        value = [value]
-    if not isinstance(value, list) or len(value) != n:
+    value = value if isinstance(value, list) else [value]
+    if len(value) != n:
         return None
     out = []
     for v in value:
-        if isinstance(v, str):
-            v = v.strip()
-            if not re.fullmatch(r"[1-5](\.0+)?", v):
-                return None
+        if isinstance(v, str) and re.fullmatch(r"\s*[1-5](\.0+)?\s*", v):
             v = float(v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or not 1 <= v <= 5:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (1, 2, 3, 4, 5):  # NaN, 3.5, 7, "x"
             return None
         out.append(int(v))
     return out
-
-
-def _json_objects(text):
-    """Every balanced {...} substring that parses as a JSON object, outermost first."""
-    for start in [i for i, ch in enumerate(text) if ch == "{"]:
-        depth, in_str, esc = 0, False, False
-        for j in range(start, len(text)):
-            ch = text[j]
-            if in_str:
-                esc, in_str = (not esc and ch == "\\"), (in_str if (esc or ch != '"') else False)
-                continue
-            if ch == '"':
-                in_str = True
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    try:
-                        obj = json.loads(text[start:j + 1])
-                    except json.JSONDecodeError:
-                        break
-                    if isinstance(obj, dict):
-                        yield obj
-                    break
 
 
 # (?!\d|\.\d): "45" and "4.5" are not a 4, but the full stop of "The score is 4." is fine
@@ -208,14 +174,19 @@ _PATTERNS = [
 def parse_score(text, n=1):
     """Parse a critic answer into n integer scores in 1..5.
 
-    Order: a JSON object with a "score" field (list, number or numeric string); then the last
-    \\boxed{...}; then lenient patterns (a truncated '"score": [4', "score: 4", "Score [3, 4, 5]",
-    "4/5", "4 out of 5"; the last match wins). Out-of-range or
-    wrong-count scores and anything unrecognised give Parsed(None, "failed", reason).
+    Order: the first (outermost) JSON object with a "score" field (list, number or numeric string); then
+    the last \\boxed{...}; then lenient patterns (a truncated '"score": [4', "score: 4", "Score [3, 4, 5]",
+    "4/5", "4 out of 5"; the last match wins). Out-of-range or wrong-count scores and anything
+    unrecognised give Parsed(None, "failed", reason).
     """
     if not isinstance(text, str) or not text.strip():
         return Parsed(None, "failed", "empty answer")
-    for obj in _json_objects(text):
+    decoder = json.JSONDecoder()
+    for start in [m.start() for m in re.finditer("{", text)]:
+        try:
+            obj = decoder.raw_decode(text, start)[0]  # the object starting here; text after it is ignored
+        except json.JSONDecodeError:
+            continue
         if "score" in obj:
             scores = _as_scores(obj["score"], n)
             if scores is None:
@@ -223,23 +194,21 @@ def parse_score(text, n=1):
             return Parsed(scores, "json")
     boxed = re.findall(r"\\boxed\{\s*([^{}]*?)\s*\}", text)
     if boxed:
-        scores = _as_scores([s.strip() for s in boxed[-1].split(",")], n)
+        scores = _as_scores(boxed[-1].split(","), n)
         if scores is None:
             return Parsed(None, "failed", f"\\boxed{{{boxed[-1]}}} is not {n} integer(s) in 1..5")
         return Parsed(scores, "boxed")
     for pat in _PATTERNS:
-        m = re.findall(pat, text, flags=re.IGNORECASE)
-        if m:
-            scores = _as_scores([s.strip() for s in m[-1].split(",")], n)
-            if scores is not None:
-                return Parsed(scores, "pattern")
+        found = re.findall(pat, text, flags=re.IGNORECASE)
+        scores = _as_scores(found[-1].split(","), n) if found else None
+        if scores is not None:
+            return Parsed(scores, "pattern")
     return Parsed(None, "failed", "no score found")
 
 
 # -----------------------------------------------------------------------------
 # reward fusion (Sec 3.4): "Base-and-Bonus". Inputs are raw 1-5 critic scores (ints, or floats
 # from the expected-score mode); every result lies in [0, 1].
-
 
 def normalize_score(s):
     """s in 1..5 -> (s - 1) / 4, clipped to [0, 1]."""
@@ -248,14 +217,12 @@ def normalize_score(s):
 
 def cme(execution, consistency):
     """Consistency-Modulated Execution: R = E * (0.6 + 0.4 C). E = 0 gives 0 whatever C is."""
-    E, C = normalize_score(execution), normalize_score(consistency)
-    return min(1.0, max(0.0, E * (0.6 + 0.4 * C)))
+    return normalize_score(execution) * (0.6 + 0.4 * normalize_score(consistency))
 
 
 def qma(instruction, quality):
     """Quality-Modulated Alignment: R = I * (0.4 + 0.6 Q), Q = (min(aesthetics, technical, structure) - 1) / 4."""
-    I, Q = normalize_score(instruction), normalize_score(min(quality))
-    return min(1.0, max(0.0, I * (0.4 + 0.6 * Q)))
+    return normalize_score(instruction) * (0.4 + 0.6 * normalize_score(min(quality)))
 
 
 def weighted_sum(a, b, weight_a=0.5):
@@ -270,6 +237,8 @@ FUSIONS = {
     "qma": lambda s: qma(s["instruction"], s["quality"]),
     "instruction": lambda s: normalize_score(s["instruction"]),
 }
+# the modes each kind of reward scores, and the fusions it offers (the paper's first)
+REWARDS = {"edit": (EDIT_MODES, ("cme", "sum55", "sum64")), "gen": (GEN_MODES, ("qma", "instruction"))}
 
 
 def fuse(name, scores):
@@ -283,7 +252,6 @@ def fuse(name, scores):
 # -----------------------------------------------------------------------------
 # critic inference
 
-
 @dataclass
 class Judgement:
     scores: list  # N_SCORES[mode] numbers in 1..5 (ints when generated, floats when expected/ensembled); None = failed
@@ -291,6 +259,16 @@ class Judgement:
     ok: bool
     error: str = ""  # why it failed: the parser's message, or too little probability on the digits
     how: str = ""  # json | boxed | pattern | expected | ensemble | failed
+
+
+def check_method(method, samples, max_samples=None):
+    """The ValueError names the bad argument; the server sends it back as a 400."""
+    if method not in ("generate", "expected"):
+        raise ValueError(f"'method' must be 'generate' or 'expected', got {method!r}")
+    top = max_samples or float("inf")
+    if (isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= top
+            or (samples > 1 and method != "generate")):
+        raise ValueError(f"'samples' must be an integer in 1..{top} (> 1 only with method 'generate'), got {samples!r}")
 
 
 def digit_expectation(logits, digit_ids):
@@ -314,16 +292,14 @@ class Critic:
     """A critic model directory (tiny critic, Qwen3-VL-8B-Instruct, FIRM-Edit-8B, ...), loaded once.
 
     score(mode, items, method="generate", samples=1) -> list[Judgement], one per item, in order.
-      edit items ("execution", "consistency"): {"source": PIL, "edited": PIL, "instruction": str (or "prompt"),
-                                                "requirement": str|None}
-      gen items ("instruction", "quality"):    {"image": PIL, "prompt": str, "requirement": str|None}
-      method "generate": batched greedy decoding (left padding, KV cache), then parse_score on the text.
-      method "expected": digit_expectation at each score slot after the teacher-forced ANSWER_PREFIX (no
-             reasoning generated): one forward pass per score (quality: 3, each slot after the argmax digit
-             of the previous one and SCORE_SEP). Fails when the digits get < min_digit_mass of probability.
-      samples > 1 (generate only): N sampled answers per item, scores = mean over those that parsed
-             (EditScore's self-ensemble); fails only when none parsed. Sampling uses the checkpoint's
-             generation_config (temperature, top_p, ...) and torch's global RNG.
+      edit items: {"source": PIL, "edited": PIL, "instruction": str (or "prompt"), "requirement": str|None}
+      gen items:  {"image": PIL, "prompt": str, "requirement": str|None}
+      "generate": batched greedy decoding (left padding, KV cache), then parse_score on the text.
+      "expected": digit_expectation after the teacher-forced ANSWER_PREFIX, one forward pass per score;
+          fails when the digits get < min_digit_mass of the probability.
+      samples > 1 (generate only): the mean over the sampled answers that parsed (EditScore's self-ensemble),
+          drawn with the checkpoint's generation_config and torch's global RNG.
+    `model` / `processor` may replace model_dir (the tests pass a stub model and the real processor).
     """
 
     def __init__(self, model_dir=None, device=None, dtype=None, prompt_file=None, max_new_tokens=256, batch_size=16,
@@ -332,117 +308,91 @@ class Critic:
         if model is None and not Path(model_dir or "").is_dir():  # never a silent hub download
             raise FileNotFoundError(f"{model_dir}: critic model directory not found")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        # model/processor may be passed in directly (tests use a stub model with the real processor)
         self.processor = processor or AutoProcessor.from_pretrained(model_dir)
+        if self.processor.chat_template is None:  # transformers reads chat_template.jinja and chat_template.json
+            raise ValueError(f"{model_dir}: no chat template (chat_template.jinja or chat_template.json)")
         self.model = model or AutoModelForImageTextToText.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         self.tok = self.processor.tokenizer
         self.tok.padding_side = "left"  # the last position of every row is its real last token (generate + digits)
-        if self.processor.chat_template is None:  # a template kept only in chat_template.json is not picked up
-            for name in ("chat_template.jinja", "chat_template.json"):
-                p = Path(model_dir or "") / name
-                if p.is_file():
-                    text = p.read_text()
-                    self.processor.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
-                    break
-            else:
-                raise ValueError(f"{model_dir}: no chat template (tokenizer_config, chat_template.jinja or .json)")
         self.prompts = load_prompts(prompt_file)
         self.max_new_tokens, self.batch_size, self.min_digit_mass = max_new_tokens, batch_size, min_digit_mass
         self._slots = {}
 
-    # -- inputs
-    def _inputs(self, mode, items):
-        """Chat strings and per-item image lists; a bad item raises ValueError naming its index and field."""
-        texts, images = [], []
-        for i, it in enumerate(items):
-            keys = ("source", "edited") if mode in EDIT_MODES else ("image",)
-            text = item_text(mode, it)
-            for k in keys:
-                if not hasattr(it.get(k), "convert"):
-                    raise ValueError(f"item {i}: field '{k}' must be a PIL image, got {type(it.get(k)).__name__}")
-            if not isinstance(text, str) and mode != "quality":
-                raise ValueError(f"item {i}: field '{'instruction' if mode in EDIT_MODES else 'prompt'}' must be a string")
-            msgs = critic_messages(mode, len(keys), text or "", it.get("requirement"), self.prompts)
-            texts.append(self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-            images.append([it[k].convert("RGB") for k in keys])
-        return texts, images
-
-    def _encode(self, texts, images):
-        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
-        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-        return batch
-
-    # -- the two methods
     @torch.inference_mode()
     def score(self, mode, items, method="generate", samples=1):
         if mode not in N_SCORES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {list(N_SCORES)}")
-        if method not in ("generate", "expected"):
-            raise ValueError(f"unknown method {method!r}; expected 'generate' or 'expected'")
-        if samples < 1 or (samples > 1 and method != "generate"):
-            raise ValueError("samples must be >= 1, and > 1 only with method 'generate'")
+        check_method(method, samples)
+        keys, chats, images = IMAGE_FIELDS[mode], [], []
+        for i, it in enumerate(items):  # a bad item raises before any model work, naming its index and field
+            for k in keys:
+                if not hasattr(it.get(k), "convert"):
+                    raise ValueError(f"item {i}: field '{k}' must be a PIL image, got {type(it.get(k)).__name__}")
+            text = item_text(mode, it)
+            if not isinstance(text, str) and mode != "quality":
+                raise ValueError(f"item {i}: field '{'instruction' if mode in EDIT_MODES else 'prompt'}' must be a string")
+            msgs = critic_messages(mode, len(keys), text or "", it.get("requirement"), self.prompts)
+            chats.append(self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+            images.append([it[k].convert("RGB") for k in keys])
         out = []
-        for start in range(0, len(items), self.batch_size):
-            texts, images = self._inputs(mode, items[start:start + self.batch_size])
-            batch = self._encode(texts, images)
+        for s in range(0, len(items), self.batch_size):
+            batch = self.processor(text=chats[s:s + self.batch_size], images=images[s:s + self.batch_size],
+                                   return_tensors="pt", padding=True).to(self.device)
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
             out += self._generate(mode, batch, samples) if method == "generate" else self._expected(mode, batch)
         return out
 
-    def _generate(self, mode, batch, samples):
+    def _generate(self, mode, batch, samples):  # -> one Judgement per item
         gc = copy.deepcopy(self.model.generation_config)
         gc.update(max_new_tokens=self.max_new_tokens, do_sample=samples > 1, num_return_sequences=samples)
         if samples == 1:  # greedy: drop the checkpoint's sampling settings (Qwen3-VL ships temperature 0.7 etc.)
             gc.update(temperature=None, top_p=None, top_k=None)
         seqs = self.model.generate(**batch, generation_config=gc)
         texts = self.tok.batch_decode(seqs[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        if samples == 1:
-            return [Judgement(p.scores, t, p.ok, p.error, p.how) for t, p in ((t, parse_score(t, N_SCORES[mode])) for t in texts)]
         out = []
         for i in range(0, len(texts), samples):  # generate returns each item's samples next to each other
             group = texts[i:i + samples]
-            good = [p.scores for p in (parse_score(t, N_SCORES[mode]) for t in group) if p.ok]
-            text = "\n---\n".join(group)
-            if not good:
+            text, parsed = "\n---\n".join(group), [parse_score(t, N_SCORES[mode]) for t in group]
+            good = [p.scores for p in parsed if p.ok]
+            if samples == 1:
+                out.append(Judgement(parsed[0].scores, text, parsed[0].ok, parsed[0].error, parsed[0].how))
+            elif not good:
                 out.append(Judgement(None, text, False, f"none of {samples} samples parsed", "failed"))
             else:
-                out.append(Judgement([sum(s) / len(good) for s in zip(*good)], text, True,
-                                     f"{samples - len(good)} of {samples} samples did not parse" if len(good) < samples else "", "ensemble"))
+                missed = f"{samples - len(good)} of {samples} samples did not parse" if len(good) < samples else ""
+                out.append(Judgement([sum(s) / len(good) for s in zip(*good)], text, True, missed, "ensemble"))
         return out
 
     def score_slots(self, mode):
-        """Token ids of the forced answer: (prefix_ids, [digit ids per slot], separator ids).
+        """Token ids of the forced answer: (prefix ids, [ids of the digits 1..5 per score slot], separator ids).
 
-        Found from the tokenizer itself: the five strings prefix + "1".."5" must differ in their last token
-        only (so a tokenizer that writes " 5" after ", " or merges "[5" still gets the right candidates).
+        Read off the tokenizer: the strings <answer so far> + "1".."5" must differ in their last token only
+        (so a tokenizer that writes " 5" after ", " or merges "[5" still gets the right candidates).
         """
         if mode not in self._slots:
-            enc = lambda s: self.tok.encode(s, add_special_tokens=False)
-            text, slots, prefix, sep = self.prompts["answer_prefix"][mode], [], None, []
-            for j in range(N_SCORES[mode]):
-                ids = [enc(text + str(k)) for k in range(1, 6)]
-                ctx = ids[0][:-1]
-                if any(x[:-1] != ctx for x in ids) or len({x[-1] for x in ids}) != 5:
+            text, contexts, slots = self.prompts["answer_prefix"][mode], [], []
+            for _ in range(N_SCORES[mode]):
+                ids = [self.tok.encode(text + str(k), add_special_tokens=False) for k in range(1, 6)]
+                if any(x[:-1] != ids[0][:-1] for x in ids) or len({x[-1] for x in ids}) != 5:
                     raise ValueError(f"method 'expected' needs the digits 1-5 to be single tokens after {text!r}")
-                if j == 0:
-                    prefix = ctx
-                else:  # ctx = previous context + its digit "1" + separator tokens
-                    sep = ctx[len(prev) + 1:]
+                contexts.append(ids[0][:-1])
                 slots.append([x[-1] for x in ids])
-                prev, text = ctx, text + "1" + SCORE_SEP
-            self._slots[mode] = (prefix, slots, sep)
+                text += "1" + SCORE_SEP
+            # a later slot's context = the previous context + its digit + the separator's tokens
+            sep = contexts[-1][len(contexts[-2]) + 1:] if len(contexts) > 1 else []
+            self._slots[mode] = (contexts[0], slots, sep)
         return self._slots[mode]
 
     def _expected(self, mode, batch):
         prefix, slots, sep = self.score_slots(mode)
-        B = batch["input_ids"].shape[0]
-        ctx = torch.tensor(prefix, dtype=torch.long, device=self.device).repeat(B, 1)  # (B, T) forced answer so far
-        values, masses = [], []
+        B, ids = batch["input_ids"].shape[0], lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)
+        ctx = ids(prefix).repeat(B, 1)  # (B, T) the forced answer so far
+        values, masses = [], []  # per slot: B floats each
         for j, digits in enumerate(slots):
-            ids = torch.cat([batch["input_ids"], ctx], 1)
-            inputs = dict(batch, input_ids=ids, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ctx)], 1))
+            inputs = dict(batch, input_ids=torch.cat([batch["input_ids"], ctx], 1),
+                          attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ctx)], 1))
             if "mm_token_type_ids" in batch:  # the forced answer is text (type 0)
                 inputs["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ctx)], 1)
             logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]  # (B, V): left padding -> real last token
@@ -450,42 +400,21 @@ class Critic:
             values.append(e.tolist())
             masses.append(m.tolist())
             if j + 1 < len(slots):  # condition the next score on this one's most likely digit
-                best = torch.tensor(digits, device=self.device)[logits[:, digits].argmax(-1)]
-                ctx = torch.cat([ctx, best[:, None], torch.tensor(sep, dtype=torch.long, device=self.device).repeat(B, 1)], 1)
+                best = ids(digits)[logits[:, digits].argmax(-1)]
+                ctx = torch.cat([ctx, best[:, None], ids(sep).repeat(B, 1)], 1)
         out = []
-        for i in range(B):
-            vals, ms = [v[i] for v in values], [m[i] for m in masses]
+        for vals, ms in zip(zip(*values), zip(*masses)):  # one item at a time
             text = ", ".join(f"E={v:.3f} (digit mass {m:.3f})" for v, m in zip(vals, ms))
             if min(ms) < self.min_digit_mass:
-                out.append(Judgement(None, text, False, f"digit probability mass {min(ms):.3f} < {self.min_digit_mass} at the score position", "failed"))
+                error = f"digit probability mass {min(ms):.3f} < {self.min_digit_mass} at the score position"
+                out.append(Judgement(None, text, False, error, "failed"))
             else:
-                out.append(Judgement(vals, text, True, "", "expected"))
+                out.append(Judgement(list(vals), text, True, "", "expected"))
         return out
 
 
 # -----------------------------------------------------------------------------
-# rewards for the RL scripts: never raise on a parse failure, count it
-
-
-def _rewards(per_mode, fusion, on_failure, n):
-    if on_failure not in ("drop", "min"):
-        raise ValueError(f"on_failure must be 'drop' or 'min', got {on_failure!r}")
-    rewards, failures, sums = [], {m: 0 for m in per_mode}, {m: [] for m in per_mode}
-    for i in range(n):
-        s = {}
-        for m, js in per_mode.items():
-            if js[i].ok:
-                s[m] = js[i].scores if N_SCORES[m] > 1 else js[i].scores[0]
-                sums[m].append(min(s[m]) if N_SCORES[m] > 1 else s[m])
-            else:
-                failures[m] += 1
-        r = fuse(fusion, s)
-        rewards.append(r if r is not None else (None if on_failure == "drop" else 0.0))
-    stats = {"n": n, "parse_failures": failures, "failed": sum(any(not js[i].ok for js in per_mode.values()) for i in range(n)),
-             "mean_score": {m: (sum(v) / len(v) if v else None) for m, v in sums.items()},
-             "errors": [js[i].error for js in per_mode.values() for i in range(n) if not js[i].ok][:5]}
-    return rewards, stats
-
+# rewards for the RL scripts: a parse failure never raises, it is counted
 
 def edit_rewards(scorer, items, fusion="cme", on_failure="drop", method="generate", samples=1):
     """Edit rewards in [0, 1] from a Critic or a RewardClient: fusion "cme" (paper), "sum55" or "sum64".
@@ -495,25 +424,44 @@ def edit_rewards(scorer, items, fusion="cme", on_failure="drop", method="generat
     policy), or 0.0 with on_failure="min". stats: {"n", "parse_failures": {mode: count}, "failed",
     "mean_score": {mode: mean raw score}, "errors": first few messages}.
     """
-    if fusion not in ("cme", "sum55", "sum64"):
-        raise ValueError(f"edit fusion must be cme, sum55 or sum64, got {fusion!r}")
-    per_mode = {m: scorer.score(m, items, method=method, samples=samples) for m in EDIT_MODES}
-    return _rewards(per_mode, fusion, on_failure, len(items))
+    return _rewards("edit", scorer, items, fusion, on_failure, method, samples)
 
 
 def gen_rewards(scorer, items, fusion="qma", on_failure="drop", method="generate", samples=1):
     """Generation rewards in [0, 1]: fusion "qma" (paper: instruction x quality) or "instruction" alone.
-    Failures as in edit_rewards (default on_failure="drop" -> None)."""
-    if fusion not in ("qma", "instruction"):
-        raise ValueError(f"gen fusion must be qma or instruction, got {fusion!r}")
-    modes = GEN_MODES if fusion == "qma" else ("instruction",)
+    Failures as in edit_rewards."""
+    return _rewards("gen", scorer, items, fusion, on_failure, method, samples)
+
+
+def _rewards(kind, scorer, items, fusion, on_failure, method, samples):
+    modes, fusions = REWARDS[kind]
+    if fusion not in fusions:
+        raise ValueError(f"{kind} fusion must be one of {fusions}, got {fusion!r}")
+    if on_failure not in ("drop", "min"):
+        raise ValueError(f"on_failure must be 'drop' or 'min', got {on_failure!r}")
+    modes = ("instruction",) if fusion == "instruction" else modes  # no quality pass for a reward that ignores it
     per_mode = {m: scorer.score(m, items, method=method, samples=samples) for m in modes}
-    return _rewards(per_mode, fusion, on_failure, len(items))
+    return fuse_judgements(per_mode, fusion, on_failure)
+
+
+def fuse_judgements(per_mode, fusion, on_failure="drop"):
+    """{mode: [Judgement] * n} -> (n rewards, stats); an item with a failed mode gets None ("drop") or 0.0 ("min")."""
+    n = len(next(iter(per_mode.values())))
+    rewards = []
+    for i in range(n):
+        scores = {m: js[i].scores if N_SCORES[m] > 1 else js[i].scores[0] for m, js in per_mode.items() if js[i].ok}
+        r = fuse(fusion, scores)
+        rewards.append(r if r is not None else (None if on_failure == "drop" else 0.0))
+    good = {m: [j.scores for j in js if j.ok] for m, js in per_mode.items()}
+    stats = {"n": n, "parse_failures": {m: n - len(g) for m, g in good.items()},
+             "failed": sum(not all(js[i].ok for js in per_mode.values()) for i in range(n)),
+             "mean_score": {m: sum(map(min, g)) / len(g) if g else None for m, g in good.items()},  # quality: the min
+             "errors": [j.error for js in per_mode.values() for j in js if not j.ok][:5]}
+    return rewards, stats
 
 
 # -----------------------------------------------------------------------------
 # the wire format (JSON, base64 images; the release's field names) and the client
-
 
 class RequestError(Exception):
     """A request the server refuses: HTTP status + a message naming the field."""
@@ -533,15 +481,15 @@ def decode_image(s, where):
     if not isinstance(s, str):
         raise RequestError(400, f"{where}: expected a base64 string, got {type(s).__name__}")
     try:
-        data = base64.b64decode(s.split(",", 1)[1] if s.startswith("data:") else s, validate=True)
+        data = base64.b64decode(s.split(",", 1)[1] if s.startswith("data:") else s, validate=True)  # data: URLs too
         im = Image.open(io.BytesIO(data))
-        if im.format not in ("PNG", "JPEG"):
-            raise RequestError(400, f"{where}: {im.format} image; send PNG or JPEG")
-        return im.convert("RGB")
-    except (binascii.Error, ValueError) as e:
+        if im.format in ("PNG", "JPEG"):
+            return im.convert("RGB")
+    except ValueError as e:  # binascii.Error
         raise RequestError(400, f"{where}: not valid base64 ({e})") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except (OSError, Image.DecompressionBombError) as e:  # OSError includes PIL's UnidentifiedImageError
         raise RequestError(400, f"{where}: not a readable PNG or JPEG image ({e})") from None
+    raise RequestError(400, f"{where}: {im.format} image; send PNG or JPEG")
 
 
 def items_to_request(mode, items, fmt="PNG"):
@@ -555,48 +503,47 @@ def items_to_request(mode, items, fmt="PNG"):
 
 
 def request_to_items(kind, body, max_items):
-    """Validate a request body and turn it into Critic items; RequestError(400) names what is wrong."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "request body must be a JSON object")
+    """Validate a request body and turn it into Critic items; the RequestError names what is wrong."""
+    def need(ok, message, status=400):
+        if not ok:
+            raise RequestError(status, message)
+
+    edit = kind == "edit"
+    need(isinstance(body, dict), "request body must be a JSON object")
     images = body.get("images")
-    if not isinstance(images, list) or not images:
-        raise RequestError(400, "field 'images' must be a non-empty list of base64 images")
+    need(isinstance(images, list) and images, "field 'images' must be a non-empty list of base64 images")
     n = len(images)
-    if n > max_items:
-        raise RequestError(413, f"field 'images': {n} items > the server's limit of {max_items} per request")
-    for field in ("prompts", "ref_images") if kind == "edit" else ("prompts",):
+    need(n <= max_items, f"field 'images': {n} items > the server's limit of {max_items} per request", 413)
+    for field in ("prompts", "ref_images") if edit else ("prompts",):
         v = body.get(field)
-        if not isinstance(v, list) or len(v) != n:
-            raise RequestError(400, f"field '{field}' must be a list with one entry per image ({n}), got "
-                                    f"{len(v) if isinstance(v, list) else type(v).__name__}")
+        need(isinstance(v, list) and len(v) == n, f"field '{field}' must be a list with one entry per image ({n}), "
+                                                  f"got {len(v) if isinstance(v, list) else type(v).__name__}")
     metas = body.get("metadatas") or [{}] * n
-    if not isinstance(metas, list) or len(metas) != n or not all(isinstance(m, dict) for m in metas):
-        raise RequestError(400, f"field 'metadatas' must be a list of {n} objects")
+    need(isinstance(metas, list) and len(metas) == n and all(isinstance(m, dict) for m in metas),
+         f"field 'metadatas' must be a list of {n} objects")
+    method, samples = body.get("method", "generate"), body.get("samples", 1)
+    try:
+        check_method(method, samples, max_samples=32)
+    except ValueError as e:
+        raise RequestError(400, f"field {e}") from None
     items = []
-    for i in range(n):
-        if not isinstance(body["prompts"][i], str):
-            raise RequestError(400, f"field 'prompts'[{i}] must be a string")
-        req = metas[i].get("requirement")
-        if req is not None and not isinstance(req, str):
-            raise RequestError(400, f"field 'metadatas'[{i}].requirement must be a string or null")
-        it = {"requirement": req or None, ("instruction" if kind == "edit" else "prompt"): body["prompts"][i]}
-        it["edited" if kind == "edit" else "image"] = decode_image(images[i], f"field 'images'[{i}]")
-        if kind == "edit":
+    for i, (prompt, meta) in enumerate(zip(body["prompts"], metas)):
+        need(isinstance(prompt, str), f"field 'prompts'[{i}] must be a string")
+        need(isinstance(meta.get("requirement"), (str, type(None))),
+             f"field 'metadatas'[{i}].requirement must be a string or null")
+        it = {"requirement": meta.get("requirement") or None, ("instruction" if edit else "prompt"): prompt,
+              ("edited" if edit else "image"): decode_image(images[i], f"field 'images'[{i}]")}
+        if edit:
             it["source"] = decode_image(body["ref_images"][i], f"field 'ref_images'[{i}]")
         items.append(it)
-    method, samples = body.get("method", "generate"), body.get("samples", 1)
-    if method not in ("generate", "expected"):
-        raise RequestError(400, f"field 'method' must be 'generate' or 'expected', got {method!r}")
-    if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= 32 or (samples > 1 and method != "generate"):
-        raise RequestError(400, "field 'samples' must be an integer in 1..32 (> 1 only with method 'generate')")
     return items, method, samples
 
 
 def judgements_to_response(mode, js):
     one = N_SCORES[mode] == 1
-    return {"scores": [(j.scores[0] if one else j.scores) if j.ok else None for j in js], "reasonings": [j.text for j in js],
-            "ok": [j.ok for j in js], "errors": [j.error for j in js], "how": [j.how for j in js],
-            "parse_failures": sum(not j.ok for j in js)}
+    return {"scores": [(j.scores[0] if one else j.scores) if j.ok else None for j in js],
+            "reasonings": [j.text for j in js], "ok": [j.ok for j in js], "errors": [j.error for j in js],
+            "how": [j.how for j in js], "parse_failures": sum(not j.ok for j in js)}
 
 
 def response_to_judgements(resp):
@@ -656,7 +603,6 @@ class RewardClient:
 # the reward server: HTTP threads parse and validate; ONE worker thread owns the model(s) and batches
 # the requests of concurrent clients (same mode/method/samples) together up to max_batch items.
 
-
 class Batcher:
     def __init__(self, critics, max_batch=16, wait_ms=5.0):
         self.critics, self.max_batch, self.window = critics, max_batch, wait_ms / 1000
@@ -664,21 +610,24 @@ class Batcher:
         self.stats = {"items": 0, "batches": 0, "requests": 0, "parse_failures": {m: 0 for m in critics}}
         threading.Thread(target=self._loop, daemon=True, name="critic-worker").start()
 
-    def put(self, mode, items, method, samples):
-        job = {"key": (mode, method, samples), "items": items, "done": threading.Event(), "out": None, "err": None}
-        self.queue.put(job)
-        return job
-
-    def wait(self, job, timeout):
-        if not job["done"].wait(timeout):
-            job["cancelled"] = True  # nobody waits for it any more: the worker skips it
-            raise RequestError(503, f"the critic did not answer within {timeout} s (queue {self.queue.qsize()} jobs)")
-        if job["err"]:
-            raise RuntimeError(job["err"])
-        return job["out"]
+    def score(self, modes, items, method, samples, timeout):
+        """{mode: [Judgement]}: one job per mode, all queued before waiting on any (an HTTP thread calls this)."""
+        jobs = {m: {"key": (m, method, samples), "items": items, "done": threading.Event(), "out": None, "err": None}
+                for m in modes}
+        for job in jobs.values():
+            self.queue.put(job)
+        self.stats["requests"] += 1
+        for job in jobs.values():
+            if not job["done"].wait(timeout):
+                for j in jobs.values():
+                    j["cancelled"] = True  # nobody waits for them any more: the worker skips them
+                raise RequestError(503, f"the critic did not answer within {timeout} s (queue {self.queue.qsize()} jobs)")
+            if job["err"]:
+                raise RuntimeError(job["err"])
+        return {m: job["out"] for m, job in jobs.items()}
 
     def _loop(self):
-        pending = []
+        pending = []  # jobs taken off the queue and not yet scored, oldest first
         while True:
             if not pending:
                 pending.append(self.queue.get())
@@ -691,23 +640,22 @@ class Batcher:
             pending = [j for j in pending if not j.get("cancelled")]
             if not pending:
                 continue
-            key, group, n = pending[0]["key"], [], 0
+            key, group, n = pending[0]["key"], [], 0  # the oldest job, and what fits beside it
             for j in pending:
                 if j["key"] == key and (not group or n + len(j["items"]) <= self.max_batch):
                     group.append(j)
                     n += len(j["items"])
-            pending = [j for j in pending if not any(j is g for g in group)]
+            pending = [j for j in pending if all(j is not g for g in group)]
             mode, method, samples = key
             try:
-                js = self.critics[mode].score(mode, [it for j in group for it in j["items"]], method=method, samples=samples)
+                js = self.critics[mode].score(mode, [it for j in group for it in j["items"]], method, samples)
                 self.stats["parse_failures"][mode] += sum(not j.ok for j in js)
                 self.stats["items"] += n
                 self.stats["batches"] += 1
                 for j in group:
                     j["out"], js = js[:len(j["items"])], js[len(j["items"]):]
             except Exception as e:  # a crash in the model (e.g. out of memory) fails these requests, never the server
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # a no-op without CUDA
                 for j in group:
                     j["err"] = f"critic failed: {type(e).__name__}: {e}"
             for j in group:
@@ -718,7 +666,6 @@ def make_server(critics, host="127.0.0.1", port=8765, token=None, max_bytes=64 <
                 wait_ms=5.0, request_timeout=600, quiet=False):
     """A ThreadingHTTPServer for critics {mode: Critic}; call .serve_forever() (port 0 = any free port)."""
     batcher = Batcher(critics, max_batch, wait_ms)
-    fusions = {"edit": ("execution", "consistency", ("cme", "sum55", "sum64")), "gen": ("instruction", "quality", ("qma", "instruction"))}
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 120  # seconds a client may take to send its request (a stalled client frees its thread)
@@ -754,10 +701,8 @@ def make_server(critics, host="127.0.0.1", port=8765, token=None, max_bytes=64 <
 
         def _read_body(self):
             """The body, read in full even when refused, so the client gets our answer, not a reset socket."""
-            try:
-                size = int(self.headers.get("Content-Length", -1))
-            except ValueError:
-                size = -1
+            size = self.headers.get("Content-Length", "")
+            size = int(size) if size.isdigit() else -1
             if size < 0:
                 self.close_connection = True
                 raise RequestError(411, "a valid Content-Length header is required")
@@ -774,37 +719,34 @@ def make_server(critics, host="127.0.0.1", port=8765, token=None, max_bytes=64 <
             data = self._read_body()
             if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
                 raise RequestError(401, "missing or wrong bearer token (header 'Authorization: Bearer <token>')")
-            path = self.path.rstrip("/").replace("/mode/score_", "/score/")  # the release's path works too
-            kind = path.split("/")[-1] if path.startswith("/reward/") else None
-            mode = path[len("/score/"):] if path.startswith("/score/") else None
-            if kind not in fusions and mode not in N_SCORES:
-                raise RequestError(404, f"no such endpoint {self.path}; POST /score/<{'|'.join(N_SCORES)}>, /reward/edit, /reward/gen")
-            modes = fusions[kind][:2] if kind else (mode,)
-            missing = [m for m in modes if m not in critics]
-            if missing:
-                raise RequestError(404, f"this server has no critic for {missing}; it serves {sorted(critics)}")
+            where, _, name = self.path.rstrip("/").replace("/mode/score_", "/score/").rpartition("/")  # + release path
+            kind = name if where == "/reward" and name in REWARDS else None
+            mode = name if where == "/score" and name in N_SCORES else None
+            if not (kind or mode):
+                raise RequestError(404, f"no such endpoint {self.path}; "
+                                        f"POST /score/<{'|'.join(N_SCORES)}>, /reward/edit, /reward/gen")
+            modes = REWARDS[kind][0] if kind else (mode,)
+            if any(m not in critics for m in modes):
+                raise RequestError(404, f"this server has no critic for {[m for m in modes if m not in critics]}; "
+                                        f"it serves {sorted(critics)}")
             try:
                 body = json.loads(data)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(400, f"request body is not valid JSON ({e})") from None
             items, method, samples = request_to_items("edit" if modes[0] in EDIT_MODES else "gen", body, max_items)
-            batcher.stats["requests"] += 1
-            jobs = {m: batcher.put(m, items, method, samples) for m in modes}  # queue all, then wait
-            results = {m: batcher.wait(job, request_timeout) for m, job in jobs.items()}
+            results = batcher.score(modes, items, method, samples, request_timeout)
             if mode:
                 return judgements_to_response(mode, results[mode])
             per = {m: judgements_to_response(m, results[m]) for m in modes}
             out = {k: {m: per[m][k] for m in modes} for k in ("scores", "reasonings", "ok", "errors", "parse_failures")}
-            out["rewards"] = {f: _rewards(results, f, "drop", len(items))[0] for f in fusions[kind][2]}
+            out["rewards"] = {f: fuse_judgements(results, f)[0] for f in REWARDS[kind][1]}
             return out
 
     return ThreadingHTTPServer((host, port), Handler)
 
 
-
 # -----------------------------------------------------------------------------
 # CLI
-
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="FIRM critics: score items or serve rewards")
@@ -814,9 +756,11 @@ def get_args(argv=None):
     for p in (serve, score):
         # critic
         p.add_argument("--model", default=None, help="critic model directory (serve: for every mode)")
-        p.add_argument("--prompt-file", default=None, help="JSON {mode: template, answer_prefix: {...}} a checkpoint was trained with")
+        p.add_argument("--prompt-file", default=None,
+                       help="JSON {mode: template, answer_prefix: {...}} a checkpoint was trained with")
         p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-        p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default bf16 on GPU, fp32 on CPU")
+        p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                       help="default bf16 on GPU, fp32 on CPU")
         p.add_argument("--batch-size", type=int, default=16, help="items per forward/generate batch")
         p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per generated answer")
         p.add_argument("--min-digit-mass", type=float, default=0.5, help="'expected': fail below this digit probability")
@@ -834,7 +778,8 @@ def get_args(argv=None):
     serve.add_argument("--request-timeout", type=float, default=600, help="s a request may wait for the critic")
     # score
     score.add_argument("--url", default=None, help="score through a reward server instead of loading --model")
-    score.add_argument("--input", required=True, help="JSONL: edit {id, source, edited, instruction} or gen {id, image, prompt}")
+    score.add_argument("--input", required=True,
+                       help="JSONL: edit {id, source, edited, instruction} or gen {id, image, prompt}")
     score.add_argument("--out", required=True, help="JSONL of judgements (resumes: ids already there are skipped)")
     score.add_argument("--mode", default=None, choices=list(N_SCORES), help="default: each row's 'mode' field")
     score.add_argument("--method", default="generate", choices=["generate", "expected"])
@@ -871,24 +816,23 @@ def run_score(args):
         r["mode"] = args.mode or r.get("mode")
         if r["mode"] not in N_SCORES:
             die(f"{args.input}:{i}: no valid 'mode' field ({r['mode']!r}); give --mode")
-        for field in ("source", "edited") if r["mode"] in EDIT_MODES else ("image",):
+        for field in IMAGE_FIELDS[r["mode"]]:
             if field not in r:
                 die(f"{args.input}:{i}: missing field '{field}' (mode {r['mode']})")
     done = {(r["id"], r["mode"]) for r in read_jsonl_resumable(args.out)}
     todo = [r for r in rows if (r["id"], r["mode"]) not in done]
     scorer = RewardClient(args.url, args.token) if args.url else load_critic(args, args.model)
-    t0 = time.time()
+    t0, step = time.time(), 4 * args.batch_size  # append every few batches: a killed run resumes
     for mode in N_SCORES:
         group = [r for r in todo if r["mode"] == mode]
-        for i in range(0, len(group), 4 * args.batch_size):  # append every few batches: a killed run resumes
-            chunk = group[i:i + 4 * args.batch_size]
-            keys = ("source", "edited") if mode in EDIT_MODES else ("image",)
-            items = [{**{k: load_image(r[k], base) for k in keys}, "instruction": r.get("instruction"),
+        for i in range(0, len(group), step):
+            chunk = group[i:i + step]
+            items = [{**{k: load_image(r[k], base) for k in IMAGE_FIELDS[mode]}, "instruction": r.get("instruction"),
                       "prompt": r.get("prompt"), "requirement": r.get("requirement")} for r in chunk]
             for r, j in zip(chunk, scorer.score(mode, items, method=args.method, samples=args.samples)):
                 append_jsonl(args.out, {"id": r["id"], "mode": mode, "scores": j.scores, "ok": j.ok, "how": j.how,
                                         "error": j.error, "text": j.text, "human_score": r.get("human_score")})
-            print(f"{mode}: {min(i + len(chunk), len(group))}/{len(group)} items, {time.time() - t0:.1f} s", flush=True)
+            print(f"{mode}: {i + len(chunk)}/{len(group)} items, {time.time() - t0:.1f} s", flush=True)
     out = read_jsonl_resumable(args.out)
     for mode in sorted({r["mode"] for r in out}):
         rs = [r for r in out if r["mode"] == mode]
