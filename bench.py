@@ -1,11 +1,9 @@
-"""FIRM-Bench for critics (Sec 3.3) and evaluation of RL-tuned policies (Sec 4), plus the pipeline report.
+"""FIRM-Bench for critics (Sec 3.3), held-out evaluation of the RL-tuned policies (Sec 4), the pipeline report.
 
-critics: every critic scores every bench item; the paper's metric is the MAE between the critic's
-integer score and the human score, for edit execution, edit consistency, edit overall (POOLED over
-the items of both, not the mean of the two MAEs) and gen (easy, hard, overall). Beside it we report
-what users of the peers look at: pairwise accuracy on pairs with different human scores
-(EditReward-Bench style; a tied prediction earns half), Spearman correlation, the parse-failure
-rate, and a confusion matrix PNG (human score x predicted score, last column = no score).
+critics: every critic scores every bench item. The paper's metric is the MAE between the critic's integer
+score and the human score: edit execution, consistency and overall (POOLED over the items of both, not the
+mean of the two MAEs), gen easy, hard and overall. Beside it: pairwise accuracy on pairs with different human
+scores (EditReward-Bench style), Spearman, the parse-failure rate and a confusion matrix PNG per critic.
 
     python bench.py critics --preset mini                        # the miniature world's table
     python bench.py critics --bench-dir /data/FIRM-Bench --layout firm-release \\
@@ -13,38 +11,32 @@ rate, and a confusion matrix PNG (human score x predicted score, last column = n
         --critic server=http://10.0.0.5:8765 --critic mine=file:preds.jsonl
     torchrun --standalone --nproc_per_node=8 bench.py critics ...   # each rank scores its shard
 
-policy: held-out prompts / edit requests, fixed seeds (the same for base and tuned, so the two differ
-only by the policy), scored by a judge that did NOT train the policy: in the miniature world the
-pixel judge (compares against the exactly known target scene), or any critic (critic:PATH).
+policy: held-out prompts, one fixed seed per sample and the same seeds for every policy (so the policies
+differ only by their weights), scored by a judge that did NOT train them: the miniature world's pixel judge
+(against the exact target scene; for edits it also scores the edited region and the kept rest apart) or a
+critic (critic:PATH_OR_URL; QMA for gen, CME for edit). The mini edit preset puts the CME-tuned and the
+0.5/0.5-sum-tuned editor side by side: the paper's Table 5 ablation in miniature.
 
-    python bench.py policy --kind gen --base runs/mini/models/gen-base --tuned runs/mini/rl_gen \\
-        --prompts runs/mini/data/rl/gen_test.jsonl --judge pixel
-    python bench.py policy --kind edit --base runs/mini/models/edit-base --tuned runs/mini/rl_edit_cme/lora \\
-        --prompts runs/mini/data/rl/edit_test.jsonl --judge critic:runs/mini/models/edit-critic
-    python bench.py report --preset mini                         # runs/mini/REPORT.md
+    python bench.py policy --preset mini --kind gen     # gen-base vs rl_gen
+    python bench.py policy --preset mini --kind edit    # edit-base vs rl_edit_cme vs rl_edit_sum55
+    python bench.py policy --kind edit --base /ckpt/Qwen-Image-Edit-2509 --tuned firm=ckpt/firm-edit/lora \\
+        --prompts edits.jsonl --judge critic:/ckpt/FIRM-Edit-8B
+    python bench.py report --preset mini                # runs/mini/REPORT.md
 
-Critic specs (--critic NAME=SPEC[@edit|@gen], @ = score only those splits): a model directory, a reward
-server URL, file:preds.jsonl ({id, mode?, text | scores}, e.g. from the release's vllm_infer.py), and the
-baselines "constant" (the SFT training set's mean score per mode, rounded; "constant:k" for a fixed k) and
-"oracle:noise[:report|direct]" (the miniature world's teacher, toy.OracleJudge, on each item's `toy` field;
-oracle:0.15:report is the teacher that labelled the SFT data). The mini preset adds the untrained
-critic-base, whose garbage answers show that parse failures are counted.
-
-Failures are never dropped silently. "MAE" is over items with a parsed score, with the failure and
-missing counts beside it; "MAE (fail=worst)" counts every failed or missing item as the largest error
-possible for its human score, max(h - 1, 5 - h). Pairwise accuracy and Spearman are over parsed items.
-Runs resume: predictions are appended per rank (preds/<critic>/part-<rank>.jsonl), merged by rank 0,
-and a rerun scores only what is missing; a changed critic (other weights or decoding flags) starts over.
+Failures are never dropped: "MAE" is over parsed scores, with the failure and missing counts beside it;
+"MAE (fail=worst)" charges a failed or missing item the largest error possible, max(h - 1, 5 - h). The mini
+preset scores the untrained critic-base, whose garbage answers show it. Both commands resume: each rank
+appends per item, rank 0 merges, a rerun does only what is missing, and a changed critic or policy (weights,
+decoding or sampling flags) starts over.
 
 Bench layouts (--layout): "mini" is what curate.py writes (edit_execution.jsonl, edit_consistency.jsonl,
-gen.jsonl; fields id, source, edited, instruction | image, prompt, difficulty, human_score; image paths
-relative to the bench dir). "firm-release" reads the released FIRM-Bench directory
-(FIRM-Bench-Edit/, FIRM-Bench-Gen/, each with bench_v1.jsonl and result/human_bench_v1.jsonl joined
-by id). The gen fields follow the release's gen_mae.py (id; image = a list, "en/..." easy, "en_long/..."
-hard; instruction_following.score[0]). The edit fields and the prompt field are ASSUMPTIONS (the
-release's edit_mae.py was not readable offline): fix them with --field-map '{"execution.human_score":
-"exec.score.0", "instruction": "edit_prompt"}' (dotted paths; numbers index lists; a key without a split
-prefix applies to every split). A field that cannot be found is an error naming the file, line and field.
+gen.jsonl; image paths relative to the bench dir). "firm-release" reads the released FIRM-Bench directory
+(FIRM-Bench-{Edit,Gen}/bench_v1.jsonl joined by id with result/human_bench_v1.jsonl). The gen fields follow
+the release's gen_mae.py (image = a list, "en/..." easy, "en_long/..." hard; instruction_following.score[0]).
+The edit fields and the prompt field are ASSUMPTIONS (the release's edit_mae.py was not readable offline):
+fix them with --field-map '{"execution.human_score": "exec.score.0", "instruction": "edit_prompt"}' (dotted
+paths; numbers index lists; a key without a split prefix applies to every split). A field that cannot be
+found is an error naming the file, line and field.
 
 Departures from the paper:
   1. The paper reports MAE only; parse failures cannot occur in its table. We add the failure-aware
@@ -55,6 +47,7 @@ Departures from the paper:
 
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import re
@@ -70,13 +63,18 @@ from common import (DataError, append_jsonl, cleanup_dist, die, image_grid, load
                     read_jsonl, read_jsonl_resumable, setup_dist, write_json, write_jsonl)
 
 SPLIT_MODE = {"execution": "execution", "consistency": "consistency", "gen": "instruction"}
-SPLIT_KIND = {"execution": "edit", "consistency": "edit", "gen": "gen"}
-PRESETS = {"mini": {"critics": dict(  # the miniature world: what curate.py and train_reward.py write
-    bench_dir="runs/mini/data/bench", out="runs/mini/bench", sft_dir="runs/mini/data/sft", max_new_tokens=160,
-    critic=["edit-critic=runs/mini/models/edit-critic@edit", "gen-critic=runs/mini/models/gen-critic@gen",
-            "edit-critic-direct=runs/mini/models/edit-critic-direct@edit",
-            "gen-critic-direct=runs/mini/models/gen-critic-direct@gen", "critic-base=runs/mini/models/critic-base",
-            "constant=constant", "oracle-noisy=oracle:0.15:report", "oracle-direct=oracle:0.15:direct"])}}
+M = "runs/mini"
+PRESETS = {"mini": {  # the miniature world: what curate.py, train_reward.py, toy.py and the RL scripts write
+    "critics": dict(bench_dir=f"{M}/data/bench", out=f"{M}/bench", sft_dir=f"{M}/data/sft", max_new_tokens=160,
+                    critic=[f"edit-critic={M}/models/edit-critic@edit", f"gen-critic={M}/models/gen-critic@gen",
+                            f"edit-critic-direct={M}/models/edit-critic-direct@edit",
+                            f"gen-critic-direct={M}/models/gen-critic-direct@gen",
+                            f"critic-base={M}/models/critic-base", "constant=constant",
+                            "oracle-noisy=oracle:0.15:report", "oracle-direct=oracle:0.15:direct"]),
+    # the RL scripts save their LoRA (pytorch_lora_weights.safetensors) in their --out directory
+    "policy gen": dict(base=f"{M}/models/gen-base", tuned=[f"qma={M}/rl_gen"], prompts=f"{M}/data/rl/gen_test.jsonl"),
+    "policy edit": dict(base=f"{M}/models/edit-base", prompts=f"{M}/data/rl/edit_test.jsonl",
+                        tuned=[f"cme={M}/rl_edit_cme", f"sum55={M}/rl_edit_sum55"])}}
 # FIRM-Bench MAE of the paper (FIRM_NOTES section 5), shown beside ours for reference
 PAPER = [("FIRM-Edit-8B", 0.53, 0.73, 0.62, None), ("FIRM-Gen-8B", None, None, None, 0.51),
          ("Qwen3-VL-8B-Instruct", 0.66, 1.12, 0.87, 0.63), ("GPT-5", 0.62, 0.73, 0.67, 0.52)]
@@ -96,11 +94,6 @@ def pooled_mae(groups):
     return mae([p for g in groups for p in g[0]], [h for g in groups for h in g[1]])
 
 
-def worst_error(h, lo=1, hi=5):
-    """The largest error any prediction in lo..hi can make for human score h: what a failure costs."""
-    return max(h - lo, hi - h)
-
-
 def pairwise_accuracy(pred, human):
     """Share of item pairs with different human scores that the prediction orders the same way; a tied
     prediction counts 1/2 (a constant predictor scores exactly 0.5). nan when no pair qualifies."""
@@ -114,13 +107,9 @@ def pairwise_accuracy(pred, human):
 
 
 def rankdata(x):
-    """1-based ranks, ties get the average of the ranks they span."""
-    x = np.asarray(x, float)
-    r = np.empty(len(x))
-    r[np.argsort(x, kind="mergesort")] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):
-        r[x == v] = r[x == v].mean()
-    return r
+    """1-based ranks; ties share the mean of the ranks they span, (#smaller + #smaller-or-equal + 1) / 2."""
+    s = np.sort(np.asarray(x, float))
+    return (np.searchsorted(s, x, "left") + np.searchsorted(s, x, "right") + 1) / 2
 
 
 def spearman(x, y):
@@ -143,10 +132,10 @@ def group_metrics(human, pred):
     """One group's numbers. pred[i] is a score, "fail" (no parsable score) or "missing" (no prediction)."""
     ok = [(h, p) for h, p in zip(human, pred) if not isinstance(p, str)]
     hs, ps = [h for h, _ in ok], [p for _, p in ok]
-    worst = [abs(p - h) if not isinstance(p, str) else worst_error(h) for h, p in zip(human, pred)]
-    return {"n": len(human), "parsed": len(ok), "failures": sum(p == "fail" for p in pred),
-            "missing": sum(p == "missing" for p in pred), "mae": mae(ps, hs),
-            "mae_fail_worst": float(np.mean(worst)) if worst else float("nan"),
+    # a failure costs the largest error any prediction in 1..5 can make for human score h
+    worst = [max(h - 1, 5 - h) if isinstance(p, str) else abs(p - h) for h, p in zip(human, pred)]
+    return {"n": len(human), "parsed": len(ok), "failures": pred.count("fail"), "missing": pred.count("missing"),
+            "mae": mae(ps, hs), "mae_fail_worst": float(np.mean(worst)) if worst else float("nan"),
             "pairwise_acc": pairwise_accuracy(ps, hs), "spearman": spearman(ps, hs)}
 
 
@@ -161,20 +150,22 @@ def confusion(human, pred):
 # -----------------------------------------------------------------------------
 # bench reader: one adapter, field paths per layout (see the docstring)
 
-MINI_EDIT = {"id": "id", "source": "source", "edited": "edited", "instruction": "instruction", "human_score": "human_score"}
+MINI_EDIT = {k: k for k in ("id", "source", "edited", "instruction", "human_score")}
+RELEASE_EDIT = dict(file="FIRM-Bench-Edit/bench_v1.jsonl", scores="FIRM-Bench-Edit/result/human_bench_v1.jsonl",
+                    root="FIRM-Bench-Edit", skip_unscored=True)  # assumed: a row carries the score(s) it was rated for
 LAYOUTS = {
     "mini": [dict(split="execution", file="edit_execution.jsonl", fields=MINI_EDIT),
              dict(split="consistency", file="edit_consistency.jsonl", fields=MINI_EDIT),
-             dict(split="gen", file="gen.jsonl", fields={"id": "id", "image": "image", "prompt": "prompt",
-                                                          "human_score": "human_score", "difficulty": "difficulty"})],
+             dict(split="gen", file="gen.jsonl",
+                  fields={k: k for k in ("id", "image", "prompt", "human_score", "difficulty")})],
     "firm-release": [
-        dict(split=s, file="FIRM-Bench-Edit/bench_v1.jsonl", scores="FIRM-Bench-Edit/result/human_bench_v1.jsonl",
-             root="FIRM-Bench-Edit", skip_unscored=True,  # assumed: a row carries the score(s) it was rated for
-             fields={"id": "id", "source": "image.0", "edited": "image.1", "instruction": "prompt",
-                     "human_score": f"{s}.score.0"}) for s in ("execution", "consistency")] + [
+        dict(split=s, **RELEASE_EDIT, fields={"id": "id", "source": "image.0", "edited": "image.1",
+                                              "instruction": "prompt", "human_score": f"{s}.score.0"})
+        for s in ("execution", "consistency")] + [
         dict(split="gen", file="FIRM-Bench-Gen/bench_v1.jsonl", scores="FIRM-Bench-Gen/result/human_bench_v1.jsonl",
              root="FIRM-Bench-Gen", difficulty_by_prefix={"en/": "easy", "en_long/": "hard"},
-             fields={"id": "id", "image": "image.0", "prompt": "prompt", "human_score": "instruction_following.score.0"})]}
+             fields={"id": "id", "image": "image.0", "prompt": "prompt",
+                     "human_score": "instruction_following.score.0"})]}
 KNOWN_FIELDS = {"id", "source", "edited", "instruction", "image", "prompt", "difficulty", "human_score"}
 _MISSING = object()
 
@@ -201,11 +192,10 @@ def _lines(path):
         return list(enumerate(json.loads(text), 1))
     out = []
     for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        try:
+            out += [(n, json.loads(line))] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     return out
 
 
@@ -215,8 +205,7 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None):
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}")
     for spec in LAYOUTS[layout]:
-        split, path = spec["split"], bench_dir / spec["file"]
-        fields = dict(spec["fields"])
+        split, path, fields = spec["split"], bench_dir / spec["file"], dict(spec["fields"])
         for k, v in (field_map or {}).items():  # "field" applies everywhere, "split.field" to one split
             s, _, f = k.rpartition(".")
             if s not in ("", *SPLIT_MODE) or f not in KNOWN_FIELDS:
@@ -224,25 +213,25 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None):
                                 f"field in {sorted(KNOWN_FIELDS)}")
             if s in ("", split) and (f in fields or f == "difficulty" and split == "gen"):
                 fields[f] = v
-        extra = {}
+        scores = {}  # the release keeps the human scores in a second file, joined by id
         if spec.get("scores") and (bench_dir / spec["scores"]).is_file():
-            extra = {str(get_path(r, fields["id"])): r for _, r in _lines(bench_dir / spec["scores"])}
+            scores = {str(get_path(r, fields["id"])): r for _, r in _lines(bench_dir / spec["scores"])}
         seen, rows = set(), []
         for n, raw in _lines(path):
-            row = {**raw, **extra.get(str(get_path(raw, fields["id"])), {})}
+            row = {**raw, **scores.get(str(get_path(raw, fields["id"])), {})}
             if spec.get("skip_unscored") and get_path(row, fields["human_score"]) is _MISSING:
                 continue
             item = {"split": split, "mode": SPLIT_MODE[split], "root": str(bench_dir / spec.get("root", ""))}
             for name, fpath in fields.items():
-                v = get_path(row, fpath)
-                if v is _MISSING:
+                item[name] = get_path(row, fpath)
+                if item[name] is _MISSING:
                     raise DataError(f"{path}:{n}: missing field '{name}' (looked for '{fpath}'"
                                     f"{' here and in ' + spec['scores'] if spec.get('scores') else ''}); "
                                     f"map it with --field-map '{{\"{split}.{name}\": \"...\"}}'")
-                item[name] = v
             h = item["human_score"]
             if isinstance(h, bool) or not isinstance(h, (int, float)) or not 1 <= h <= 5:
-                raise DataError(f"{path}:{n}: field 'human_score' ('{fields['human_score']}') = {h!r} is not a score in 1..5")
+                raise DataError(f"{path}:{n}: field 'human_score' ('{fields['human_score']}') = {h!r} "
+                                "is not a score in 1..5")
             if split == "gen" and "difficulty" not in item:
                 item["difficulty"] = next((d for p, d in spec.get("difficulty_by_prefix", {}).items()
                                            if str(item["image"]).startswith(p)), "unknown")
@@ -250,9 +239,7 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None):
                 raise DataError(f"{path}:{n}: duplicate id '{item['id']}'")
             seen.add(item["id"])
             item["key"] = f"{split}/{item['id']}"
-            if "toy" in row:
-                item["toy"] = row["toy"]
-            rows.append(item)
+            rows.append({**item, "toy": row["toy"]} if "toy" in row else item)
         if not rows:
             raise DataError(f"{path}: no item of split '{split}' (field '{fields['human_score']}' found in no row)")
         items += rows[:limit]
@@ -260,38 +247,25 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None):
 
 
 # -----------------------------------------------------------------------------
-# critics: a model directory, a reward server URL, a prediction file, or a baseline.
-# Every scorer answers predict(mode, items) -> list of Judgement (None = no prediction for that item).
+# critics: a model directory, a reward server URL, a prediction file, or a baseline
 
 
-class ModelScorer:
-    def __init__(self, spec, args, device):
-        import reward
-        self.score = (reward.RewardClient(spec) if spec.startswith(("http://", "https://")) else
-                      reward.Critic(spec, device=device, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)).score
-        self.method, self.samples = args.method, args.samples
-
-    def predict(self, mode, items):
-        keys = ("source", "edited") if mode in ("execution", "consistency") else ("image",)
-        pil = [{**{k: load_image(it[k], it["root"]) for k in keys}, "instruction": it.get("instruction"),
-                "prompt": it.get("prompt"), "requirement": it.get("requirement")} for it in items]
-        return self.score(mode, pil, method=self.method, samples=self.samples)
-
-
-class TextScorer:
-    """Baselines that write an answer TEXT, parsed by the same parser as a model's answer."""
-
-    def __init__(self, answer):
-        self.answer = answer
-
-    def predict(self, mode, items):
-        from reward import Judgement, parse_score
-        out = []
-        for it in items:
-            text = self.answer(mode, it)
-            p = None if text is None else parse_score(text)
-            out.append(None if p is None else Judgement(p.scores, text, p.ok, p.error, p.how))
-        return out
+def parse_critic(arg, sft_dir):
+    """NAME=SPEC[@edit|@gen] -> (name, spec, scope, note): note says why the critic cannot run (None if it
+    can), so that a critic not trained yet becomes a row saying so, not a crash of the whole table."""
+    m = re.fullmatch(r"([A-Za-z0-9._-]+)=(.+?)(?:@(edit|gen|all))?", arg)
+    if not m:
+        die(f"--critic {arg!r}: expected NAME=PATH_OR_URL[@edit|@gen] (NAME of letters, digits, . _ -)")
+    spec, note = m.group(2), None
+    if spec == "constant":
+        if not (sft_dir and all((Path(sft_dir) / f"{k}_train.jsonl").is_file() for k in ("edit", "gen"))):
+            note = f"needs --sft-dir with edit_train.jsonl and gen_train.jsonl (got {sft_dir})"
+    elif spec.startswith("file:"):
+        note = None if Path(spec[5:]).is_file() else f"prediction file {spec[5:]} not found"
+    elif not (spec.startswith(("http://", "https://", "oracle")) or re.fullmatch(r"constant:[1-5]", spec)):
+        if not (Path(spec) / "config.json").is_file():
+            note = f"not found: {spec} (train it first, e.g. train_reward.py)"
+    return m.group(1), spec, m.group(3) or "all", note
 
 
 def constant_scores(sft_dir):
@@ -304,81 +278,65 @@ def constant_scores(sft_dir):
     return {m: int(round(float(np.mean(v)))) for m, v in out.items()}
 
 
-def oracle_answer(noise, mode_name):
-    """The miniature world's teacher (toy.OracleJudge) on each item's `toy` field."""
-    import toy
-    judge = toy.OracleJudge(noise, mode_name)
-
-    def answer(mode, it):
-        if "toy" not in it:
-            raise DataError(f"item {it['key']}: the oracle baseline needs the miniature world's 'toy' field")
-        t, S = it["toy"], toy.Scene.from_dict
-        if mode == "instruction":
-            return judge.judge_gen(it["id"], S(t["scene"]), S(t["out_scene"]), t.get("degrade"))[mode][0]
-        return judge.judge_edit(it["id"], S(t["scene"]), S(t["out_scene"]), t["edit"])[mode][0]
-    return answer
-
-
-def file_answer(path):
-    """Predictions made elsewhere: JSONL {id, mode?, text | scores}; an id absent from the file is 'missing'."""
-    rows = {(r.get("mode"), str(r["id"])): r for r in read_jsonl(path, required=("id",))}
-
-    def answer(mode, it):
-        r = rows.get((mode, str(it["id"]))) or rows.get((None, str(it["id"])))
-        if r is None:
-            return None
-        s = r.get("scores", r.get("score"))
-        return r["text"] if "text" in r else json.dumps({"score": s})
-    return answer
-
-
-def parse_critic(arg):
-    """NAME=SPEC[@edit|@gen] -> (name, spec, scope)."""
-    m = re.fullmatch(r"([A-Za-z0-9._-]+)=(.+?)(?:@(edit|gen|all))?", arg)
-    if not m:
-        die(f"--critic {arg!r}: expected NAME=PATH_OR_URL[@edit|@gen] (NAME of letters, digits, . _ -)")
-    return m.group(1), m.group(2), m.group(3) or "all"
-
-
-def check_critic(spec, args):
-    """None if the critic can run, else a note for the table (a missing model must not crash the run)."""
-    if spec.startswith(("http://", "https://", "oracle")) or re.fullmatch(r"constant:[1-5]", spec):
-        return None
-    if spec == "constant":
-        ok = args.sft_dir and all((Path(args.sft_dir) / f"{k}_train.jsonl").is_file() for k in ("edit", "gen"))
-        return None if ok else f"needs --sft-dir with edit_train.jsonl and gen_train.jsonl (got {args.sft_dir})"
-    if spec.startswith("file:"):
-        return None if Path(spec[5:]).is_file() else f"prediction file {spec[5:]} not found"
-    return None if (Path(spec) / "config.json").is_file() else f"not found: {spec} (train it first, e.g. train_reward.py)"
-
-
 def make_scorer(spec, args, device):
-    if spec.startswith("oracle"):
-        parts = spec.split(":")
-        return TextScorer(oracle_answer(float(parts[1]) if len(parts) > 1 else 0.0, parts[2] if len(parts) > 2 else "report"))
-    if spec.startswith("constant"):
+    """-> predict(mode, items) -> one reward.Judgement per item, None where there is no prediction. The
+    baselines write an answer TEXT that goes through the same parser as a model's answer."""
+    import reward
+    if spec.startswith("oracle"):  # the miniature world's teacher (toy.OracleJudge) on each item's `toy` field
+        import toy
+        parts, S = spec.split(":"), toy.Scene.from_dict
+        judge = toy.OracleJudge(float(parts[1]) if len(parts) > 1 else 0.0, parts[2] if len(parts) > 2 else "report")
+
+        def answer(mode, it):
+            if "toy" not in it:
+                raise DataError(f"item {it['key']}: the oracle baseline needs the miniature world's 'toy' field")
+            t = it["toy"]
+            if mode == "instruction":
+                return judge.judge_gen(it["id"], S(t["scene"]), S(t["out_scene"]), t.get("degrade"))[mode][0]
+            return judge.judge_edit(it["id"], S(t["scene"]), S(t["out_scene"]), t["edit"])[mode][0]
+    elif spec.startswith("constant"):
         const = {m: int(spec[9:]) for m in SPLIT_MODE.values()} if ":" in spec else constant_scores(args.sft_dir)
-        return TextScorer(lambda mode, it: json.dumps({"score": [const[mode]]}))
-    if spec.startswith("file:"):
-        return TextScorer(file_answer(spec[5:]))
-    return ModelScorer(spec, args, device)
+        answer = lambda mode, it: json.dumps({"score": [const[mode]]})
+    elif spec.startswith("file:"):  # predictions made elsewhere; an id absent from the file is 'missing'
+        rows = {(r.get("mode"), str(r["id"])): r for r in read_jsonl(spec[5:], required=("id",))}
+
+        def answer(mode, it):
+            r = rows.get((mode, str(it["id"]))) or rows.get((None, str(it["id"])))
+            if r is None:
+                return None
+            return r["text"] if "text" in r else json.dumps({"score": r.get("scores", r.get("score"))})
+    else:  # a model directory or a reward server
+        scorer = reward.RewardClient(spec) if spec.startswith(("http://", "https://")) else \
+            reward.Critic(spec, device=device, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+
+        def predict(mode, items):
+            keys = ("image",) if mode == "instruction" else ("source", "edited")
+            pil = [{**{k: load_image(it[k], it["root"]) for k in keys}, "instruction": it.get("instruction"),
+                    "prompt": it.get("prompt"), "requirement": it.get("requirement")} for it in items]
+            return scorer.score(mode, pil, method=args.method, samples=args.samples)
+        return predict
+
+    def judged(text):
+        p = reward.parse_score(text)
+        return reward.Judgement(p.scores, text, p.ok, p.error, p.how)
+    return lambda mode, items: [None if t is None else judged(t) for t in (answer(mode, it) for it in items)]
+
+
+# -----------------------------------------------------------------------------
+# resume: a rank appends each result as it is made; outputs are kept only while what made them is unchanged
 
 
 def fingerprint(path, *extra):
     """What saved outputs depend on: flags/specs (`extra`) and the sizes and times of the weight files at `path`."""
     p, parts = Path(path), [str(path), *extra]
-    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*/*.safetensors")) + [p / "config.json"] if p.is_dir() \
-        else [p] if p.is_file() else []
+    files = (sorted(p.glob("*.safetensors")) + sorted(p.glob("*/*.safetensors")) + [p / "config.json"] if p.is_dir()
+             else [p] if p.is_file() else [])
     parts += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-# -----------------------------------------------------------------------------
-# critics command: shard, score with resume, merge on rank 0, evaluate, write table + JSON + PNGs
-
-
 def start_fresh_if_changed(out, fp, rank, what):
-    """Resume only outputs made by the same model and flags: otherwise rank 0 clears `out` and starts over."""
+    """Rank 0 clears `out` if its outputs were made by another model or other flags; all ranks wait for it."""
     if rank == 0:
         meta = Path(out) / "run.json"
         if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
@@ -388,81 +346,88 @@ def start_fresh_if_changed(out, fp, rank, what):
     dist.barrier()
 
 
+def read_parts(files, key):
+    """key -> record over the files of all ranks (the first record of a key wins; a torn last line is repaired)."""
+    out = {}
+    for f in files:
+        for r in read_jsonl_resumable(f):
+            out.setdefault(r[key], r)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# critics command: shard, score with resume, merge on rank 0, evaluate, write table + JSON + PNGs
+
+GROUPS = {"execution": (["execution"], None), "consistency": (["consistency"], None),
+          "edit_overall": (["execution", "consistency"], None),  # pooled over the items of both, as the paper
+          "gen_easy": (["gen"], "easy"), "gen_hard": (["gen"], "hard"), "gen_overall": (["gen"], None)}
+
+
 def predict_all(name, spec, items, args, rank, world, device):
     """Each rank scores its shard (global index % world) of the items not yet predicted; rank 0 merges."""
     pdir = Path(args.out) / "preds" / name
-    start_fresh_if_changed(pdir, fingerprint(spec[5:] if spec.startswith("file:") else spec, spec, args.method,
-                                             args.samples, args.max_new_tokens), rank, f"[{name}] critic or decoding flags")
-    done = {r["key"] for f in sorted(pdir.glob("*.jsonl")) for r in read_jsonl_resumable(f)}
+    fp = fingerprint(spec[5:] if spec.startswith("file:") else spec, spec, args.method, args.samples,
+                     args.max_new_tokens)
+    start_fresh_if_changed(pdir, fp, rank, f"[{name}] critic or decoding flags")
+    done = read_parts(sorted(pdir.glob("*.jsonl")), "key")
     dist.barrier()  # every rank has read (and repaired) the old files before any rank appends to them
     mine = [it for i, it in enumerate(items) if i % world == rank and it["key"] not in done]
-    if mine:
-        scorer, chunk = make_scorer(spec, args, device), 4 * args.batch_size  # append every chunk: resumable
-        for mode in dict.fromkeys(it["mode"] for it in mine):
-            todo = [it for it in mine if it["mode"] == mode]
-            for s in range(0, len(todo), chunk):
-                for it, j in zip(todo[s:s + chunk], scorer.predict(mode, todo[s:s + chunk])):
-                    if j is not None:
-                        append_jsonl(pdir / f"part-{rank}.jsonl", {"key": it["key"], "mode": mode, "ok": j.ok, "scores": j.scores,
-                                                                   "error": j.error, "text": j.text[:2000]})
-                print(f"[{name}] rank {rank}: {mode} {min(s + chunk, len(todo))}/{len(todo)}", flush=True)
+    predict = make_scorer(spec, args, device) if mine else None  # load a model only when there is work
+    chunk = 4 * args.batch_size  # predictions are appended per chunk: a killed run loses at most one chunk
+    for mode in dict.fromkeys(it["mode"] for it in mine):
+        todo = [it for it in mine if it["mode"] == mode]
+        for s in range(0, len(todo), chunk):
+            for it, j in zip(todo[s:s + chunk], predict(mode, todo[s:s + chunk])):
+                if j is not None:
+                    append_jsonl(pdir / f"part-{rank}.jsonl", {"key": it["key"], "mode": mode, "ok": j.ok, "scores":
+                                                               j.scores, "error": j.error, "text": j.text[:2000]})
+            print(f"[{name}] rank {rank}: {mode} {min(s + chunk, len(todo))}/{len(todo)}", flush=True)
     dist.barrier()
-    if rank == 0:  # merge: first prediction of each key wins; parts are removed once merged
-        merged = {}
-        for f in [pdir / "predictions.jsonl"] + sorted(pdir.glob("part-*.jsonl")):
-            for r in read_jsonl_resumable(f):
-                merged.setdefault(r["key"], r)
-        write_jsonl(pdir / "predictions.jsonl", list(merged.values()))
-        for f in pdir.glob("part-*.jsonl"):
+    if rank == 0:  # merge; parts are removed once merged
+        parts = sorted(pdir.glob("part-*.jsonl"))
+        write_jsonl(pdir / "predictions.jsonl", list(read_parts([pdir / "predictions.jsonl"] + parts, "key").values()))
+        for f in parts:
             f.unlink()
     dist.barrier()
     return pdir / "predictions.jsonl"
 
 
 def evaluate(items, preds):
-    """Metrics per group + confusion matrices per split. preds: key -> {"ok", "scores"} (absent = missing)."""
+    """Metrics per group + a confusion matrix per split. preds: key -> {"ok", "scores"} (absent = missing)."""
     def value(it):
         r = preds.get(it["key"])
         return "missing" if r is None else float(r["scores"][0]) if r.get("ok") and r.get("scores") else "fail"
-    groups = {"execution": lambda it: it["split"] == "execution", "consistency": lambda it: it["split"] == "consistency",
-              "edit_overall": lambda it: it["split"] in ("execution", "consistency"),  # pooled, as the paper
-              "gen_easy": lambda it: it["split"] == "gen" and it["difficulty"] == "easy",
-              "gen_hard": lambda it: it["split"] == "gen" and it["difficulty"] == "hard",
-              "gen_overall": lambda it: it["split"] == "gen"}
     metrics, conf = {}, {}
-    for g, sel in groups.items():
-        its = [it for it in items if sel(it)]
+    for g, (splits, difficulty) in GROUPS.items():
+        its = [it for it in items if it["split"] in splits and difficulty in (None, it.get("difficulty"))]
         if its:
-            metrics[g] = group_metrics([it["human_score"] for it in its], [value(it) for it in its])
-    for s in ("execution", "consistency", "gen"):
-        its = [it for it in items if it["split"] == s]
-        if its:
-            conf[s] = confusion([it["human_score"] for it in its], [value(it) for it in its])
+            human, pred = [it["human_score"] for it in its], [value(it) for it in its]
+            metrics[g] = group_metrics(human, pred)
+            if len(splits) == 1 and difficulty is None:
+                conf[splits[0]] = confusion(human, pred)
     return {"metrics": metrics, "confusion": conf}
 
 
 def confusion_png(path, title, conf):
     """Panels of human (rows) x predicted (columns, last = no score); shade = share of the row."""
     c, pad = 30, 40
-    panels = list(conf.items())
-    im = Image.new("RGB", (len(panels) * (6 * c + 2 * pad) + pad, 5 * c + 3 * pad), "white")
+    im = Image.new("RGB", (len(conf) * (6 * c + 2 * pad) + pad, 5 * c + 3 * pad), "white")
     d = ImageDraw.Draw(im)
     d.text((pad, 6), title + "   (rows: human 1-5, columns: predicted 1-5, x = no score)", fill="black")
-    for k, (split, m) in enumerate(panels):
+    for k, (split, m) in enumerate(conf.items()):
         x0, y0 = pad + k * (6 * c + 2 * pad), 2 * pad
         d.text((x0, y0 - 16), split, fill="black")
+        for col in range(6):
+            d.text((x0 + col * c + 11, y0 + 5 * c + 4), "x" if col == 5 else str(col + 1), fill="black")
         for r in range(5):
             d.text((x0 - 12, y0 + r * c + 9), str(r + 1), fill="black")
-            total = max(1, sum(m[r]))
             for col in range(6):
-                share = m[r][col] / total
+                share = m[r][col] / max(1, sum(m[r]))  # no score in red, scores in blue
                 shade = (255, int(255 - 180 * share), int(255 - 180 * share)) if col == 5 else \
                         (int(255 - 200 * share), int(255 - 140 * share), 255)
                 box = [x0 + col * c, y0 + r * c, x0 + (col + 1) * c - 1, y0 + (r + 1) * c - 1]
                 d.rectangle(box, fill=shade, outline=(0, 160, 0) if col == r else (200, 200, 200))
                 d.text((box[0] + 4, box[1] + 9), str(m[r][col]), fill="black")
-        for col in range(6):
-            d.text((x0 + col * c + 11, y0 + 5 * c + 4), "x" if col == 5 else str(col + 1), fill="black")
     im.save(path)
 
 
@@ -471,167 +436,174 @@ def fmt(v, digits=2):
 
 
 def critics_markdown(res):
-    cols = [("execution", "exec"), ("consistency", "cons"), ("edit_overall", "edit overall"), ("gen_easy", "gen easy"),
-            ("gen_hard", "gen hard"), ("gen_overall", "gen overall")]
-    lines = ["| critic | " + " | ".join(f"{c} MAE" for _, c in cols) + " | parse failures | missing | note |",
-             "|---" * (len(cols) + 4) + "|"]
+    cols = {"execution": "exec", "consistency": "cons", "edit_overall": "edit overall", "gen_easy": "gen easy",
+            "gen_hard": "gen hard", "gen_overall": "gen overall"}
+    three = ("execution", "consistency", "gen_overall")
+    main = ["| critic | " + " | ".join(f"{c} MAE" for c in cols.values()) + " | parse failures | missing | note |",
+            "|---" * (len(cols) + 4) + "|"]
+    more = ["| critic | MAE (fail=worst) edit / gen | pairwise acc exec / cons / gen | Spearman exec / cons / gen |",
+            "|---|---|---|---|"]
     for name, r in res["critics"].items():
         m = r.get("metrics", {})
-        n = sum(m[g]["n"] for g in ("edit_overall", "gen_overall") if g in m)
-        f = sum(m[g]["failures"] for g in ("edit_overall", "gen_overall") if g in m)
-        miss = sum(m[g]["missing"] for g in ("edit_overall", "gen_overall") if g in m)
-        lines.append(f"| {name} | " + " | ".join(fmt(m[g]["mae"]) if g in m else "—" for g, _ in cols)
-                     + (f" | {f}/{n} ({100 * f / n:.0f}%) | {miss} |" if n else " | — | — |") + f" {r.get('note', '')} |")
-    lines += ["", "| critic | MAE (fail=worst) edit / gen | pairwise acc exec / cons / gen | Spearman exec / cons / gen |",
-              "|---|---|---|---|"]
-    for name, r in res["critics"].items():
-        m = r.get("metrics", {})
-        g3 = lambda key, gs: " / ".join(fmt(m[g][key]) if g in m else "—" for g in gs)
-        lines.append(f"| {name} | {g3('mae_fail_worst', ('edit_overall', 'gen_overall'))} | "
-                     f"{g3('pairwise_acc', ('execution', 'consistency', 'gen_overall'))} | "
-                     f"{g3('spearman', ('execution', 'consistency', 'gen_overall'))} |")
-    lines += ["", "Paper, real FIRM-Bench (MAE; for reference, not comparable with the miniature world):", "",
-              "| critic | exec | cons | edit overall | gen |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(g)} |" for n, a, b, c, g in PAPER]
-    lines += ["", "MAE: over items with a parsed score (parse failures and missing predictions are counted beside it). "
-              "MAE (fail=worst): every failed or missing item counts max(h-1, 5-h). Edit overall pools the execution "
-              "and consistency items. Pairwise accuracy: pairs with different human scores, a tied prediction counts 1/2."]
-    return "\n".join(lines) + "\n"
+        cells = lambda key, gs, sep: sep.join(fmt(m[g][key]) if g in m else "—" for g in gs)
+        n, f, miss = (sum(m[g][k] for g in ("edit_overall", "gen_overall") if g in m)
+                      for k in ("n", "failures", "missing"))
+        counts = f"{f}/{n} ({100 * f / n:.0f}%) | {miss}" if n else "— | —"
+        main.append(f"| {name} | {cells('mae', cols, ' | ')} | {counts} | {r.get('note', '')} |")
+        more.append(f"| {name} | {cells('mae_fail_worst', ('edit_overall', 'gen_overall'), ' / ')} | "
+                    f"{cells('pairwise_acc', three, ' / ')} | {cells('spearman', three, ' / ')} |")
+    paper = ["Paper, real FIRM-Bench (MAE; for reference, not comparable with the miniature world):", "",
+             "| critic | exec | cons | edit overall | gen |", "|---|---|---|---|---|"]
+    paper += [f"| {n} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(g)} |" for n, a, b, c, g in PAPER]
+    note = ("MAE: over items with a parsed score (parse failures and missing predictions are counted beside it). "
+            "MAE (fail=worst): every failed or missing item counts max(h-1, 5-h). Edit overall pools the execution "
+            "and consistency items. Pairwise accuracy: pairs with different human scores, a tied prediction "
+            "counts 1/2.")
+    return "\n".join(main + [""] + more + [""] + paper + ["", note]) + "\n"
 
 
 def run_critics(args):
     rank, world, device = setup_dist()
-    if not args.critic:
-        die("give --critic NAME=PATH_OR_URL (repeatable) or --preset mini")
     items = read_bench(args.bench_dir, args.layout, json.loads(args.field_map) if args.field_map else None, args.limit)
     print0(f"bench {args.bench_dir} ({args.layout}): " + ", ".join(f"{s} {sum(it['split'] == s for it in items)}"
                                                                     for s in SPLIT_MODE) + f" items; {world} rank(s)")
     out, res = Path(args.out), {"bench_dir": str(args.bench_dir), "layout": args.layout, "critics": {}}
-    for name, spec, scope in map(parse_critic, args.critic):
-        its = [it for it in items if scope == "all" or SPLIT_KIND[it["split"]] == scope]
-        note = check_critic(spec, args)
+    for name, spec, scope, note in (parse_critic(c, args.sft_dir) for c in args.critic):
         if note:
             print0(f"[{name}] skipped: {note}")
             res["critics"][name] = {"spec": spec, "note": f"skipped: {note}"}
             continue
+        its = [it for it in items if scope in ("all", "gen" if it["split"] == "gen" else "edit")]
         path = predict_all(name, spec, its, args, rank, world, device)
         if rank == 0:
-            ev = evaluate(its, {r["key"]: r for r in read_jsonl_resumable(path)})
+            ev = evaluate(its, read_parts([path], "key"))
             res["critics"][name] = {"spec": spec, "scope": scope, "predictions": str(path), **ev,
                                     "note": "" if scope == "all" else f"{scope} splits only"}
             confusion_png(out / f"confusion_{name}.png", name, ev["confusion"])
     if rank == 0:
         write_json(out / "critics.json", res)
-        md = critics_markdown(res)
-        (out / "critics.md").write_text(md)
+        (out / "critics.md").write_text(md := critics_markdown(res))
         print(md + f"\nwrote {out}/critics.md, critics.json, confusion_*.png", flush=True)
     cleanup_dist()
 
 
 # -----------------------------------------------------------------------------
-# policy command: generate with fixed seeds, judge independently, base vs tuned
+# policy command: sample with fixed seeds, judge independently, base vs each tuned policy
 
 
 def policy_judge(spec, kind, device):
-    """-> fn(records, images) -> list of score in [0, 1] or None (a critic answer that did not parse)."""
-    import toy
-    S = toy.Scene.from_dict
-    if spec == "pixel":
-        if kind == "gen":
-            return lambda recs, ims: [toy.pixel_judge_gen(im, S(r["toy"]["scene"]))["overall"] for r, im in zip(recs, ims)]
-        return lambda recs, ims: [toy.pixel_judge_edit(im, S(r["toy"]["scene"]), S(r["toy"]["target_scene"]))["overall"]
-                                  for r, im in zip(recs, ims)]
+    """-> judge(records, images) -> [(score in [0, 1] or None: a critic answer that did not parse, {part: score})]."""
+    if spec == "pixel":  # parts: gen objects / background, edit edited region (vs target) / kept rest (vs source)
+        import toy
+        S = toy.Scene.from_dict
+        pixel = lambda r, im: (toy.pixel_judge_gen(im, S(r["toy"]["scene"])) if kind == "gen" else
+                               toy.pixel_judge_edit(im, S(r["toy"]["scene"]), S(r["toy"]["target_scene"])))
+        return lambda recs, ims: [(p.pop("overall"), p) for p in map(pixel, recs, ims)]
     import reward
-    critic = reward.RewardClient(spec[7:]) if spec[7:].startswith("http") else reward.Critic(spec[7:], device=device)
+    path = spec[len("critic:"):]
+    critic = reward.RewardClient(path) if path.startswith("http") else reward.Critic(path, device=device)
     if kind == "gen":  # QMA, the paper's gen reward
-        return lambda recs, ims: reward.gen_rewards(critic, [{"image": im, "prompt": r["prompt"], "requirement": r.get("requirement")}
-                                                             for r, im in zip(recs, ims)], fusion="qma")[0]
-    return lambda recs, ims: reward.edit_rewards(critic, [{"source": r["_src"], "edited": im, "instruction": r["prompt"],
-                                                           "requirement": r.get("requirement")} for r, im in zip(recs, ims)], fusion="cme")[0]
+        item = lambda r, im: {"image": im, "prompt": r["prompt"], "requirement": r.get("requirement")}
+        rewards = lambda items: reward.gen_rewards(critic, items, fusion="qma")[0]
+    else:  # CME, the paper's edit reward
+        item = lambda r, im: {"source": r["_src"], "edited": im, "instruction": r["prompt"],
+                              "requirement": r.get("requirement")}
+        rewards = lambda items: reward.edit_rewards(critic, items, fusion="cme")[0]
+    return lambda recs, ims: [(s, {}) for s in rewards(list(map(item, recs, ims)))]
+
+
+def score_files(out, variant):
+    """Every rank's scores-<variant>-<rank>.jsonl (a name may contain '-', the rank is the last part)."""
+    pattern = rf"scores-{re.escape(variant)}-\d+\.jsonl"
+    return [f for f in sorted(out.glob("scores-*.jsonl")) if re.fullmatch(pattern, f.name)]
 
 
 def run_policy(args):
     rank, world, device = setup_dist()
-    if not args.judge == "pixel" and not args.judge.startswith("critic:"):
-        die(f"--judge {args.judge!r}: expected 'pixel' or 'critic:PATH_OR_URL'")
     recs = read_jsonl(args.prompts, required=("id", "prompt"))[:args.limit]
-    K, base_dir = args.samples_per_prompt, Path(args.prompts).parent
-    jobs = [(i * K + k, r, k) for i, r in enumerate(recs) for k in range(K)]  # global index -> seed
+    if args.judge == "pixel" and any("toy" not in r for r in recs):
+        die(f"{args.prompts}: --judge pixel needs the miniature world's 'toy' field in every record; "
+            "use --judge critic:PATH")
+    K, base_dir, policies = args.samples_per_prompt, Path(args.prompts).parent, {"base": None, **args.tuned}
     tag = "pixel" if args.judge == "pixel" else "critic-" + Path(args.judge[7:].rstrip("/")).name
     out = Path(args.out or f"runs/mini/bench/policy_{args.kind}_{tag}")
-    if args.judge == "pixel" and any("toy" not in r for r in recs):
-        die(f"{args.prompts}: --judge pixel needs the miniature world's 'toy' field in every record; use --judge critic:PATH")
-    start_fresh_if_changed(out, fingerprint(args.tuned, args.base, args.kind, args.judge, args.seed, K, args.steps), rank,
-                           "the policy, judge, seeds or steps")
-    done = {v: {r["uid"] for f in out.glob(f"scores-{v}-*.jsonl") for r in read_jsonl_resumable(f)} for v in ("base", "tuned")}
+    fp = fingerprint(args.base, args.kind, args.judge, args.seed, K, args.steps,
+                     *(fingerprint(p, n) for n, p in args.tuned.items()))
+    start_fresh_if_changed(out, fp, rank, "the policies, judge, seeds or steps")
+    done = {v: read_parts(score_files(out, v), "uid") for v in policies}
     dist.barrier()  # every rank has read (and repaired) the old files before any rank appends to them
-    judge = policy_judge(args.judge, args.kind, device)
-    for variant, lora in (("base", None), ("tuned", args.tuned)):
+    judge, rl = policy_judge(args.judge, args.kind, device), importlib.import_module(f"rl_{args.kind}")
+    steps = args.steps or {"gen": 10, "edit": 6}[args.kind]  # as in RL
+    jobs = [(i * K + k, r, k) for i, r in enumerate(recs) for k in range(K)]  # global index -> seed
+    for variant, lora in policies.items():
         mine = [j for j in jobs if j[0] % world == rank and f"{j[1]['id']}#{j[2]}" not in done[variant]]
         if not mine:
             continue
-        if args.kind == "gen":
-            import rl_gen
-            model = rl_gen.load_generator(args.base, lora_dir=lora, device=device)
-        else:
-            import rl_edit
-            model = rl_edit.load_editor(args.base, lora_dir=lora, device=device)
+        model = (rl.load_generator if args.kind == "gen" else rl.load_editor)(args.base, lora_dir=lora, device=device)
         (out / "images" / variant).mkdir(parents=True, exist_ok=True)
         for s in range(0, len(mine), args.batch_size):
             chunk = mine[s:s + args.batch_size]
             rs, seeds = [dict(r) for _, r, _ in chunk], [args.seed + g for g, _, _ in chunk]
             if args.kind == "gen":
-                ims = rl_gen.generate(model, [r["prompt"] for r in rs], seeds, steps=args.steps or 10)
+                ims = rl.generate(model, [r["prompt"] for r in rs], seeds, steps=steps)
             else:
                 for r in rs:
                     r["_src"] = load_image(r["image"], base_dir)
-                ims = rl_edit.edit(model, [r["_src"] for r in rs], [r["prompt"] for r in rs], seeds, steps=args.steps or 6)
-            for (g, r, k), im, sc in zip(chunk, ims, judge(rs, ims)):
+                ims = rl.edit(model, [r["_src"] for r in rs], [r["prompt"] for r in rs], seeds, steps=steps)
+            for (g, r, k), im, (score, parts) in zip(chunk, ims, judge(rs, ims)):
                 im.save(out / "images" / variant / f"{r['id']}_{k}.png")
-                append_jsonl(out / f"scores-{variant}-{rank}.jsonl", {"uid": f"{r['id']}#{k}", "id": r["id"], "sample": k,
-                                                                      "seed": args.seed + g, "score": sc})
+                append_jsonl(out / f"scores-{variant}-{rank}.jsonl", {"uid": f"{r['id']}#{k}", "id": r["id"],
+                             "sample": k, "seed": args.seed + g, "score": score, "parts": parts})
         print(f"{variant}: rank {rank} did {len(mine)} samples", flush=True)
         del model
     dist.barrier()
     if rank == 0:
-        policy_summary(args, recs, out, base_dir)
+        policy_summary(args, recs, out, base_dir, {v: read_parts(score_files(out, v), "uid") for v in policies})
     cleanup_dist()
 
 
-def policy_summary(args, recs, out, base_dir):
-    scores = {v: {r["uid"]: r["score"] for f in sorted(out.glob(f"scores-{v}-*.jsonl")) for r in read_jsonl_resumable(f)}
-              for v in ("base", "tuned")}
+def policy_summary(args, recs, out, base_dir, scores):
     res = {"kind": args.kind, "judge": args.judge, "base": args.base, "tuned": args.tuned, "prompts": args.prompts,
            "samples_per_prompt": args.samples_per_prompt, "seed": args.seed, "variants": {}}
-    for v, sc in scores.items():
-        good = [s for s in sc.values() if s is not None]
+    for v, rows in scores.items():
+        good = [r["score"] for r in rows.values() if r["score"] is not None]
+        parts = {}
+        for r in rows.values():
+            for k, x in r.get("parts", {}).items():
+                parts.setdefault(k, []).append(x)
         m, ci = mean_ci(good)
-        res["variants"][v] = {"n": len(sc), "failures": len(sc) - len(good), "mean": m, "ci95": ci}
-    both = [scores["tuned"][u] - scores["base"][u] for u in scores["base"] if scores["base"][u] is not None
-            and scores["tuned"].get(u) is not None]
-    m, ci = mean_ci(both)  # paired by prompt and seed: the CI of the gain is tighter than of either mean
-    res["tuned_minus_base"] = {"n": len(both), "mean": m, "ci95": ci}
+        res["variants"][v] = {"n": len(rows), "failures": len(rows) - len(good), "mean": m, "ci95": ci,
+                              "parts": {k: float(np.mean(x)) for k, x in parts.items()}}
+    for v in args.tuned:  # paired by prompt and seed: the CI of the gain is tighter than of either mean
+        both = [scores[v][u]["score"] - r["score"] for u, r in scores["base"].items()
+                if r["score"] is not None and scores[v].get(u, {}).get("score") is not None]
+        m, ci = mean_ci(both)
+        res[f"{v}_minus_base"] = {"n": len(both), "mean": m, "ci95": ci}
     write_json(out / "policy.json", res)
-    rows = []
-    for r in recs[:args.grid_rows]:  # source | base | tuned (and the exact target in the miniature world)
-        p = f"{r['id']}_0.png"
+    grid = []
+    for r in recs[:args.grid_rows]:  # source | target (the miniature world's exact answer) | base | tuned ...
         cells = [load_image(r["image"], base_dir)] if args.kind == "edit" else []
         if "toy" in r:
             import toy
             cells.append(toy.render(toy.Scene.from_dict(r["toy"].get("target_scene", r["toy"]["scene"])), 64))
-        cells += [load_image(out / "images" / v / p) for v in ("base", "tuned") if (out / "images" / v / p).is_file()]
-        rows.append([c.resize((128, 128), Image.NEAREST) for c in cells])
-    if rows:
-        image_grid(rows).save(out / "grid.png")
-    cols = ("source | " if args.kind == "edit" else "") + ("target | " if recs and "toy" in recs[0] else "") + "base | tuned"
+        cells += [load_image(p) for v in scores if (p := out / "images" / v / f"{r['id']}_0.png").is_file()]
+        grid.append([c.resize((128, 128), Image.NEAREST) for c in cells])
+    if grid:
+        image_grid(grid).save(out / "grid.png")
+    parts = list(dict.fromkeys(k for x in res["variants"].values() for k in x["parts"]))
+    ci = lambda x: "—" if math.isnan(x["ci95"]) else f"+-{x['ci95']:.3f}"
+    row = lambda name, x, cells: " | ".join(["", name, str(x["n"]), fmt(x["mean"], 3), ci(x), *map(str, cells), ""])
     md = [f"# Policy evaluation ({args.kind}, judge {args.judge})", "",
-          f"{len(recs)} prompts x {args.samples_per_prompt} seeds (seed = {args.seed} + global index, the same for base "
-          "and tuned). Mean +- 1.96 std/sqrt(n); the gain is paired per prompt and seed.", "",
-          "| policy | n | mean score | 95% CI | judge failures |", "|---|---|---|---|---|"]
-    pm = lambda ci: "—" if math.isnan(ci) else f"+-{ci:.3f}"
-    md += [f"| {v} | {x['n']} | {fmt(x['mean'], 3)} | {pm(x['ci95'])} | {x['failures']} |" for v, x in res["variants"].items()]
-    d = res["tuned_minus_base"]
-    md += [f"| tuned - base | {d['n']} | {fmt(d['mean'], 3)} | {pm(d['ci95'])} | |", "", f"![grid ({cols})](grid.png)", ""]
+          f"{len(recs)} prompts x {args.samples_per_prompt} seeds (seed = {args.seed} + global index, the same for "
+          "every policy). Mean +- 1.96 std/sqrt(n); the gains are paired per prompt and seed."
+          + (f" The judge's score is the mean of its parts: {', '.join(parts)}." if parts else ""), "",
+          "| policy | n | mean score | 95% CI | " + "".join(f"{p} | " for p in parts) + "judge failures |",
+          "|---" * (5 + len(parts)) + "|"]
+    md += [row(v, x, [fmt(x["parts"].get(p), 3) for p in parts] + [x["failures"]]).strip()
+           for v, x in res["variants"].items()]
+    md += [row(f"{v} - base", res[f"{v}_minus_base"], [""] * (len(parts) + 1)).strip() for v in args.tuned]
+    cols = ("source | " if args.kind == "edit" else "") + ("target | " if recs and "toy" in recs[0] else "")
+    md += ["", f"![grid ({cols}{' | '.join(scores)})](grid.png)", ""]
     (out / "policy.md").write_text("\n".join(md))
     print("\n".join(md), flush=True)
 
@@ -643,41 +615,42 @@ def policy_summary(args, recs, out, base_dir):
 def run_report(args):
     root = Path(args.root)
     (root / "report").mkdir(parents=True, exist_ok=True)
-    md = ["# FIRM miniature pipeline report", "", "Generated by `python bench.py report --preset mini`; sections whose "
-          "inputs are missing say which command makes them.", "", "## 1. Critics on the miniature FIRM-Bench", ""]
+    md = ["# FIRM miniature pipeline report", "", "Generated by `python bench.py report --preset mini`; sections "
+          "whose inputs are missing say which command makes them.", "", "## 1. Critics on the miniature FIRM-Bench", ""]
     crit = root / "bench" / "critics.md"
     if crit.is_file():
-        md += [crit.read_text(), "Confusion matrices: " + ", ".join(f"[{p.stem[10:]}](bench/{p.name})"
-                                                                   for p in sorted((root / "bench").glob("confusion_*.png"))), ""]
+        md += [crit.read_text(), "Confusion matrices: " + ", ".join(
+            f"[{p.stem[10:]}](bench/{p.name})" for p in sorted((root / "bench").glob("confusion_*.png"))), ""]
     else:
         md += ["_missing: run `python bench.py critics --preset mini`_", ""]
     md += ["## 2. RL runs (training reward as logged; held-out evaluation from eval.jsonl when present)", ""]
     runs = [d for d in sorted(root.glob("rl_gen*")) + sorted(root.glob("rl_edit*")) if (d / "metrics.jsonl").is_file()]
-    if not runs:
-        md += ["_missing: no runs/mini/rl_gen*/metrics.jsonl or rl_edit*/metrics.jsonl (run rl_gen.py / rl_edit.py)_", ""]
-    else:
-        md += ["| run | log rows | reward first | reward last (mean of last 10%) | held-out eval first -> last | curve |",
-               "|---|---|---|---|---|---|"]
+    md += ["| run | log rows | reward first | reward last (mean of last 10%) | held-out eval first -> last | curve |",
+           "|---|---|---|---|---|---|"] if runs else [
+        "_missing: no runs/mini/rl_gen*/metrics.jsonl or rl_edit*/metrics.jsonl (run rl_gen.py / rl_edit.py)_", ""]
     for d in runs:  # rl_gen logs held-out numbers to eval.jsonl, rl_edit as eval_* columns of metrics.jsonl
         rows = read_jsonl_resumable(d / "metrics.jsonl")
         rows_all = rows + read_jsonl_resumable(d / "eval.jsonl")
-        series = lambda k: [(r.get("step", i), r[k]) for i, r in enumerate(rows_all) if isinstance(r.get(k), (int, float))]
+        series = lambda k: [(r.get("step", i), r[k]) for i, r in enumerate(rows_all)
+                            if isinstance(r.get(k), (int, float))]
         keys = sorted({k for r in rows_all for k in r if any(w in k for w in ("reward", "judge", "pixel"))
                        and not k.endswith("_std") and series(k)})
         png = root / "report" / f"{d.name}_reward.png"
         plot_curves(png, {k: series(k) for k in keys}, title=f"{d.name}: reward and held-out judge")
         vals = [y for _, y in series("reward")]
-        held = "; ".join(f"{k} {fmt(series(k)[0][1], 3)} -> {fmt(series(k)[-1][1], 3)}" for k in
-                         [k for k in ("eval_reward", "eval_judge", "eval_pixel", "eval_fail", "eval_parse_failures") if series(k)][:3])
-        md.append(f"| {d.name} | {len(rows)} | {fmt(vals[0], 3) if vals else '—'} | "
-                  f"{fmt(float(np.mean(vals[-max(1, len(vals) // 10):])), 3) if vals else '—'} | {held or '—'} | "
+        held = [k for k in ("eval_reward", "eval_judge", "eval_pixel", "eval_fail", "eval_parse_failures") if series(k)]
+        held = "; ".join(f"{k} {fmt(series(k)[0][1], 3)} -> {fmt(series(k)[-1][1], 3)}" for k in held[:3])
+        last = fmt(float(np.mean(vals[-max(1, len(vals) // 10):])), 3) if vals else "—"
+        md.append(f"| {d.name} | {len(rows)} | {fmt(vals[0], 3) if vals else '—'} | {last} | {held or '—'} | "
                   f"![{d.name}](report/{png.name}) |")
     md += ["", "## 3. Policies on held-out prompts (independent judge)", ""]
     evals = sorted((root / "bench").glob("policy*/policy.md"))
-    md += [p.read_text().replace("](grid.png)", f"]({p.parent.relative_to(root)}/grid.png)").replace("# Policy", "### Policy")
-           for p in evals] or ["_missing: run `python bench.py policy --kind gen|edit ... --judge pixel`_", ""]
+    md += [p.read_text().replace("](grid.png)", f"]({p.parent.relative_to(root)}/grid.png)")
+           .replace("# Policy", "### Policy") for p in evals] or [
+        "_missing: run `python bench.py policy --preset mini --kind gen|edit`_", ""]
     (root / "REPORT.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {root / 'REPORT.md'} ({'critics ' if crit.is_file() else ''}{len(runs)} RL run(s), {len(evals)} policy eval(s))")
+    print(f"wrote {root / 'REPORT.md'} ({'critics ' if crit.is_file() else ''}{len(runs)} RL run(s), "
+          f"{len(evals)} policy eval(s))")
 
 
 # -----------------------------------------------------------------------------
@@ -687,30 +660,33 @@ def run_report(args):
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="FIRM-Bench for critics, policy evaluation, report")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    fmt_ = argparse.ArgumentDefaultsHelpFormatter
-    c, p, r = (sub.add_parser(n, formatter_class=fmt_) for n in ("critics", "policy", "report"))
+    c, p, r = (sub.add_parser(n, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               for n in ("critics", "policy", "report"))
     for q in (c, p, r):
-        q.add_argument("--preset", default=None, choices=sorted(PRESETS), help="the miniature world's paths and critics")
+        q.add_argument("--preset", default=None, choices=sorted(PRESETS), help="the miniature world's paths")
+        q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     # critics: bench
     c.add_argument("--bench-dir", default=None, help="bench directory (see --layout)")
     c.add_argument("--layout", default="mini", choices=sorted(LAYOUTS), help="file names and fields of the bench")
-    c.add_argument("--field-map", default=None, help='JSON {"[split.]field": "dotted.path"} overriding the layout\'s fields')
+    c.add_argument("--field-map", default=None, help='JSON {"[split.]field": "dotted.path"} overriding the layout')
     c.add_argument("--limit", type=int, default=None, help="items per split (quick runs)")
     # critics: critics and decoding
-    c.add_argument("--critic", action="append", default=None,
-                   help="NAME=SPEC[@edit|@gen]; SPEC = model dir | http://server | file:preds.jsonl | constant[:k] | oracle:noise[:report|direct]")
+    c.add_argument("--critic", action="append", default=None, help="NAME=SPEC[@edit|@gen]; SPEC = model dir | "
+                   "http://server | file:preds.jsonl | constant[:k] | oracle:noise[:report|direct]")
     c.add_argument("--sft-dir", default=None, help="SFT files whose mean score the 'constant' baseline predicts")
     c.add_argument("--method", default="generate", choices=["generate", "expected"], help="critic scoring method")
     c.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")
     c.add_argument("--max-new-tokens", type=int, default=None, help="tokens per critic answer (default 256; mini 160)")
     c.add_argument("--batch-size", type=int, default=16, help="items per critic batch")
     c.add_argument("--out", default=None, help="output directory (critics.md, critics.json, confusion_*.png, preds/)")
-    # policy
+    # policy: models and prompts
     p.add_argument("--kind", required=True, choices=["gen", "edit"])
-    p.add_argument("--base", required=True, help="policy model directory (gen: SD3-style, edit: Qwen-Image-Edit-style)")
-    p.add_argument("--tuned", required=True, help="LoRA directory of the tuned policy")
-    p.add_argument("--prompts", required=True, help="held-out JSONL {id, prompt[, image, toy]} (e.g. runs/mini/data/rl/gen_test.jsonl)")
-    p.add_argument("--judge", default="pixel", help="'pixel' (miniature world) or critic:PATH_OR_URL (QMA for gen, CME for edit)")
+    p.add_argument("--base", default=None, help="policy model directory (gen: SD3-style, edit: Qwen-Image-Edit-style)")
+    p.add_argument("--tuned", action="append", default=None,
+                   help="[NAME=]DIR of a tuned policy's LoRA (repeatable; NAME defaults to 'tuned')")
+    p.add_argument("--prompts", default=None, help="held-out JSONL {id, prompt[, image, toy]}")
+    p.add_argument("--judge", default="pixel", help="'pixel' (miniature world) or critic:PATH_OR_URL")
+    # policy: sampling and output
     p.add_argument("--samples-per-prompt", type=int, default=4, help="seeds per prompt")
     p.add_argument("--seed", type=int, default=1000, help="seed of global sample 0")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 10 gen, 6 edit: as in RL)")
@@ -720,17 +696,26 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output directory (default runs/mini/bench/policy_<kind>_<judge>)")
     # report
     r.add_argument("--root", default="runs/mini", help="pipeline root to gather")
-    for q in (c, p, r):
-        q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args(argv)
-    if args.preset:  # the preset fills what the user did not give
-        for k, v in PRESETS[args.preset].get(args.cmd, {}).items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
+    for k, v in PRESETS.get(args.preset, {}).get(" ".join([args.cmd, getattr(args, "kind", "")]).strip(), {}).items():
+        if getattr(args, k) is None:  # the preset fills what the user did not give
+            setattr(args, k, v)
     if args.cmd == "critics":
         args.max_new_tokens = args.max_new_tokens or 256
-    if args.cmd == "critics" and not (args.bench_dir and args.out):
-        ap.error("critics needs --bench-dir and --out (or --preset mini)")
+        if not (args.bench_dir and args.out and args.critic):
+            ap.error("critics needs --bench-dir, --out and --critic (or --preset mini)")
+    if args.cmd == "policy":
+        if not (args.base and args.tuned and args.prompts):
+            ap.error("policy needs --base, --tuned and --prompts (or --preset mini)")
+        if args.judge != "pixel" and not args.judge.startswith("critic:"):
+            ap.error(f"--judge {args.judge!r}: expected 'pixel' or 'critic:PATH_OR_URL'")
+        args.tuned = dict(t.split("=", 1) if "=" in t else ("tuned", t) for t in args.tuned)
+        for name, path in args.tuned.items():  # what rl_gen.py / rl_edit.py write at the end of a run
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name == "base":
+                ap.error(f"--tuned {name}={path}: NAME of letters, digits, . _ - (and not 'base')")
+            if not ((Path(path) / "pytorch_lora_weights.safetensors").is_file() or Path(path, "transformer").is_dir()):
+                ap.error(f"--tuned {name}={path}: no pytorch_lora_weights.safetensors or transformer/ there "
+                         f"(train it first: python rl_{args.kind}.py ...)")
     return args
 
 

@@ -219,12 +219,20 @@ def stub_policies(monkeypatch, gen_recs, edit_recs):
     monkeypatch.setitem(sys.modules, "rl_edit", edit)
 
 
+def lora_dir(d):
+    """What an RL run leaves in its --out directory (the stub policies never read it)."""
+    d.mkdir(parents=True)
+    (d / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    return d
+
+
 def test_policy_eval_with_pixel_judge_reports_gain_with_ci_writes_grid_and_resumes(mini_data, tmp_path, monkeypatch, capsys):
     gen_recs, edit_recs = read_jsonl(mini_data / "rl" / "gen_test.jsonl"), read_jsonl(mini_data / "rl" / "edit_test.jsonl")
     stub_policies(monkeypatch, gen_recs, edit_recs)
+    lora = lora_dir(tmp_path / "lora")  # the stub ignores it, but a tuned policy must exist
     for kind, recs in (("gen", gen_recs), ("edit", edit_recs)):
         out = tmp_path / f"policy_{kind}"
-        bench.main(["policy", "--kind", kind, "--base", "unused", "--tuned", "lora", "--prompts", str(mini_data / "rl" / f"{kind}_test.jsonl"),
+        bench.main(["policy", "--kind", kind, "--base", "unused", "--tuned", str(lora), "--prompts", str(mini_data / "rl" / f"{kind}_test.jsonl"),
                     "--samples-per-prompt", "2", "--out", str(out)])
         res = json.loads((out / "policy.json").read_text())
         base, tuned = res["variants"]["base"], res["variants"]["tuned"]
@@ -232,11 +240,44 @@ def test_policy_eval_with_pixel_judge_reports_gain_with_ci_writes_grid_and_resum
         assert tuned["mean"] > 0.95 > base["mean"] and res["tuned_minus_base"]["mean"] > 0.3
         assert (out / "grid.png").is_file() and "tuned - base" in (out / "policy.md").read_text()
         capsys.readouterr()
-        bench.main(["policy", "--kind", kind, "--base", "unused", "--tuned", "lora", "--prompts", str(mini_data / "rl" / f"{kind}_test.jsonl"),
+        bench.main(["policy", "--kind", kind, "--base", "unused", "--tuned", str(lora), "--prompts", str(mini_data / "rl" / f"{kind}_test.jsonl"),
                     "--samples-per-prompt", "2", "--out", str(out)])
         assert "did" not in capsys.readouterr().out  # a finished run resumes to nothing to do
         seeds = sorted(r["seed"] for r in read_jsonl(out / "scores-base-0.jsonl"))
         assert seeds == sorted(r["seed"] for r in read_jsonl(out / "scores-tuned-0.jsonl")) == list(range(1000, 1000 + 2 * len(recs)))
+
+
+def test_policy_eval_puts_several_tuned_editors_side_by_side_with_region_scores(mini_data, tmp_path, monkeypatch):
+    gen_recs, edit_recs = read_jsonl(mini_data / "rl" / "gen_test.jsonl"), read_jsonl(mini_data / "rl" / "edit_test.jsonl")
+    stub_policies(monkeypatch, gen_recs, edit_recs)
+    for d in ("cme", "sum55"):
+        lora_dir(tmp_path / d)
+    out = tmp_path / "policy_edit"
+    bench.main(["policy", "--kind", "edit", "--base", "unused", "--tuned", f"cme={tmp_path / 'cme'}", "--tuned",
+                f"sum55={tmp_path / 'sum55'}", "--prompts", str(mini_data / "rl" / "edit_test.jsonl"),
+                "--samples-per-prompt", "1", "--limit", "4", "--out", str(out)])
+    res = json.loads((out / "policy.json").read_text())
+    assert list(res["variants"]) == ["base", "cme", "sum55"]
+    base, cme = res["variants"]["base"], res["variants"]["cme"]
+    assert set(base["parts"]) == set(cme["parts"]) == {"edited", "kept"}
+    # the stub base leaves the source unchanged: the kept region is perfect, the edited region is not
+    assert base["parts"]["kept"] == 1.0 > base["parts"]["edited"] and cme["parts"]["edited"] == 1.0
+    md = (out / "policy.md").read_text()
+    assert "| edited | kept |" in md and "| cme - base |" in md and "| sum55 - base |" in md
+
+
+def test_policy_preset_names_base_and_tuned_editors_and_rejects_a_missing_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    lora_dir(tmp_path / "runs/mini/rl_edit_cme")
+    with pytest.raises(SystemExit):  # the 0.5/0.5 ablation is not trained yet
+        bench.get_args(["policy", "--preset", "mini", "--kind", "edit"])
+    assert "sum55=runs/mini/rl_edit_sum55" in capsys.readouterr().err
+    lora_dir(tmp_path / "runs/mini/rl_edit_sum55")
+    args = bench.get_args(["policy", "--preset", "mini", "--kind", "edit"])
+    assert args.base == "runs/mini/models/edit-base" and args.prompts == "runs/mini/data/rl/edit_test.jsonl"
+    assert args.tuned == {"cme": "runs/mini/rl_edit_cme", "sum55": "runs/mini/rl_edit_sum55"}
+    lora_dir(tmp_path / "runs/mini/rl_gen")
+    assert bench.get_args(["policy", "--preset", "mini", "--kind", "gen"]).tuned == {"qma": "runs/mini/rl_gen"}
 
 
 # -----------------------------------------------------------------------------
