@@ -801,8 +801,9 @@ def pixel_judge_gen(img, scene):
     for o in scene.objects:
         full |= object_mask(scene, o.id, size)
     bg = float((np.abs(a[~full] - np.array(BACKGROUNDS[scene.background])).max(axis=1) < 48).mean())
-    return {"objects": float(np.mean(parts)) if parts else 1.0, "background": bg,
-            "overall": 0.5 * (float(np.mean(parts)) if parts else 1.0) + 0.5 * bg}
+    objects = float(np.mean(parts)) if parts else 1.0
+    # a product, not a sum: an empty canvas (objects 0) or one painted over (background 0) scores 0
+    return {"objects": objects, "background": bg, "overall": objects * bg}
 
 
 def pixel_judge_edit(img, src, target):
@@ -815,7 +816,8 @@ def pixel_judge_edit(img, src, target):
     close = lambda x, y: np.abs(x - y).max(axis=-1) < 48
     edited = float(close(a[region], t[region]).mean()) if region.any() else 1.0
     kept = float(close(a[~region], s[~region]).mean()) if (~region).any() else 1.0
-    return {"edited": edited, "kept": kept, "overall": 0.5 * edited + 0.5 * kept}
+    # a product, not a sum: returning the input unchanged (edited ~0) must not score 0.5
+    return {"edited": edited, "kept": kept, "overall": edited * kept}
 
 
 # -----------------------------------------------------------------------------
@@ -888,10 +890,299 @@ def build_tiny_critic(out_dir, texts, image_size=64, hidden=128, layers=4, heads
 COMMANDS = {}
 
 
-# [section: tiny generation policy (SD3) -- rl_gen]
+# -----------------------------------------------------------------------------
+# tiny generation policy (SD3): a diffusers StableDiffusion3Pipeline directory, pre-trained here by flow matching
+#
+# The real classes (SD3Transformer2DModel, two CLIPTextModelWithProjection + CLIPTokenizer, the flow-matching
+# scheduler), tiny and randomly initialised, then taught to draw the world by plain flow matching so that RL
+# (rl_gen.py) starts from a policy that already draws scenes. Deviations from SD3.5: no VAE (the transformer
+# works on 32x32 RGB pixels, "latents = pixels"), no T5 encoder (text_encoder_3 = None), a BPE tokenizer trained
+# on the world's prompts. Sizes from MINIATURE_NOTES (0.97 M parameters). Measured (shared 2-core CPU, 1 thread):
+# 1500 steps at lr 3e-3 take ~3.7 CPU-min; only then do samples show coherent objects in the prompt's colours
+# (mostly at wrong places); at 400-600 steps they are scattered coloured patches.
+
+GEN_SIZE = 32  # pixels; the critic sees these upsampled to 64 (rl_gen.py --reward-image-size)
 
 
-# [section: tiny editing policy (Qwen-Image-Edit) -- rl_edit]
+def _clip_tokenizer(texts, vocab_size=400, max_length=32):
+    """A CLIPTokenizer (same normaliser, pre-tokeniser and </w> BPE as CLIP's) trained on `texts`."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    bpe = Tokenizer(models.BPE(unk_token=eos, end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos], show_progress=False,
+                                                       initial_alphabet=alphabet, end_of_word_suffix="</w>"))
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for ch in sorted(alphabet):  # every byte also as a word end, as in CLIP's vocabulary: no <unk> for odd words
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length), vocab, merges
+
+
+def world_prompts(n=3000, seed=0):
+    """Prompts over random scenes (every word of the world appears many times)."""
+    rng = random.Random(f"{seed}:gen-prompts")
+    return [gen_prompt(random_scene(rng), rng) for _ in range(n)]
+
+
+def build_tiny_generator(out_dir, texts=None, size=GEN_SIZE, seed=0):
+    """A randomly initialised tiny SD3 pipeline saved as an ordinary diffusers directory (no VAE, no T5).
+
+    Open it with rl_gen.load_generator(out_dir), or StableDiffusion3Pipeline.from_pretrained(out_dir,
+    vae=None, text_encoder_3=None, tokenizer_3=None). Returns the transformer's parameter count.
+    """
+    import os
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tok, vocab, merges = _clip_tokenizer(texts or world_prompts())
+
+    def text_encoder(s):  # CLIP-L / CLIP-G stand-ins: hidden 32 each, so concatenated = joint_attention_dim 64
+        torch.manual_seed(s)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=tok.model_max_length, projection_dim=32, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=size, patch_size=4, in_channels=3, out_channels=3, num_layers=3,
+                                        attention_head_dim=24, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=96, pooled_projection_dim=64, pos_embed_max_size=size // 4)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=None,
+                                    text_encoder=text_encoder(seed + 1), tokenizer=tok, text_encoder_2=text_encoder(seed + 2),
+                                    tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    import logging
+    logging.getLogger("diffusers").setLevel(logging.ERROR)  # "vae=None cannot be saved" is what we want
+    pipe.save_pretrained(out_dir)
+    for sub in ("tokenizer", "tokenizer_2"):  # the classic CLIP files too, for loaders that want them
+        d = os.path.join(out_dir, sub)
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return sum(p.numel() for p in transformer.parameters())
+
+
+def _pretrain_gen_args(ap):
+    ap.add_argument("--out", default="runs/mini/models/gen-base", help="diffusers directory to write")
+    ap.add_argument("--steps", type=int, default=1500, help="flow-matching steps (~0.1-0.3 s each on one CPU thread)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per step")
+    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (cosine decay to 0)")
+    ap.add_argument("--size", type=int, default=GEN_SIZE, help="image side in pixels")
+    ap.add_argument("--freeze-text-encoders", action="store_true", help="train the transformer only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def _pretrain_gen(args):
+    """Build the tiny generator and pre-train it by rectified-flow matching on rendered scenes.
+
+    The tiny CLIP encoders are trained too (random frozen ones carry the prompt poorly); RL freezes them."""
+    import time
+    from pathlib import Path
+    import torch
+    import rl_gen
+    from common import pil_to_tensor, seed_everything
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    n = build_tiny_generator(args.out, size=args.size, seed=args.seed)
+    gen = rl_gen.load_generator(args.out, device="cpu")
+    modules = [gen.transformer] + ([] if args.freeze_text_encoders else [gen.pipe.text_encoder, gen.pipe.text_encoder_2])
+    params = [p for m in modules for p in m.requires_grad_(True).train().parameters()]  # load_generator froze them
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
+    rng = random.Random(f"{args.seed}:pretrain-gen")
+    print(f"tiny SD3 generator: {n / 1e6:.2f} M transformer parameters, {args.steps} steps x {args.batch_size} images")
+    t0, avg = time.time(), None
+    for step in range(1, args.steps + 1):
+        scenes = [random_scene(rng) for _ in range(args.batch_size)]
+        x0 = torch.stack([pil_to_tensor(render(s, args.size)) for s in scenes])
+        emb, pooled = rl_gen.encode_prompts(gen, [gen_prompt(s, rng) for s in scenes])
+        t = torch.rand(args.batch_size)
+        eps = torch.randn_like(x0)
+        v = rl_gen.velocity(gen.transformer, rl_gen.rectified_flow_interp(x0, eps, t), t, emb, pooled)
+        loss = ((v - (eps - x0)) ** 2).mean()  # flow matching: the velocity of x_t = (1-t) x0 + t eps is eps - x0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        if step % 50 == 0 or step == args.steps:
+            print(f"step {step:5d} | loss {avg:.4f} | {time.time() - t0:.0f} s", flush=True)
+    for name, m in zip(("transformer", "text_encoder", "text_encoder_2"), modules):
+        m.eval().save_pretrained(Path(args.out) / name)
+    print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
+
+
+COMMANDS["pretrain-gen"] = (_pretrain_gen_args, _pretrain_gen)
+
+
+# -----------------------------------------------------------------------------
+# tiny editing policy (Qwen-Image-Edit): the real classes, pre-trained briefly by flow matching
+#
+# A QwenImageTransformer2DModel, a randomly initialised (frozen) Qwen2.5-VL text encoder with a locally
+# trained tokenizer and the real processor, and the real scheduler config, saved by the real pipeline
+# class as an ordinary diffusers directory. There is no VAE (a random AutoencoderKLQwenImage would
+# destroy the images): rl_edit.encode_latents rearranges the 32 px pixels space-to-depth (2x2 -> 12
+# channels, lossless), the 2x2 packing makes 8x8 = 64 tokens of 48 features per image.
+
+EDIT_RESOLUTION = 32  # px the tiny editor works at; sources and results are 64 px like the rest of the world
+
+
+def _tiny_qwen_tokenizer(texts, vocab_size):
+    """A byte-level BPE tokenizer with Qwen's special tokens, trained on the world's texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  chat_template=QWEN_CHAT_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
+    return tok
+
+
+def build_tiny_editor(out_dir, texts, resolution=EDIT_RESOLUTION, layers=3, heads=3, head_dim=32, s2d=2, text_hidden=64,
+                      text_layers=2, vocab_size=1024, seed=0):
+    """A randomly initialised tiny Qwen-Image-Edit directory that QwenImageEditPlusPipeline.from_pretrained opens."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    tok = _tiny_qwen_tokenizer(texts, vocab_size)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    # the text encoder sees the source at 32 px: 4x4 patches of 8 px, merged 2x2 -> 4 image tokens
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8,
+                                                                  merge_size=2, temporal_patch_size=2),
+                            tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE)
+    half = text_hidden // 4 // 2  # 4 heads; mrope sections (t, h, w) add up to head_dim / 2
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+                         num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+                         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=32, out_hidden_size=text_hidden, fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(cfg)
+    # RoPE dims (frame, h, w) add up to head_dim. The frame axis only tells target (0) from source (1): 4 dims;
+    # h and w get the rest, so that their slower frequencies (theta 10000) can tell 8 token positions apart and
+    # a target token finds the source token at its own position (how the editor copies what it keeps).
+    rope = (head_dim - 4) // 2
+    c = 3 * s2d * s2d  # latent channels: pixels space-to-depth by s2d
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * c, out_channels=c, num_layers=layers,
+                                              attention_head_dim=head_dim, num_attention_heads=heads,
+                                              joint_attention_dim=text_hidden, axes_dims_rope=(4, rope, rope))
+    # Qwen-Image's scheduler config: exponential shift growing with the token count, terminal noise 0.02
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    QwenImageEditPlusPipeline(scheduler=scheduler, vae=None, text_encoder=text_encoder, tokenizer=tok, processor=proc,
+                              transformer=transformer).save_pretrained(out_dir)
+    with open(f"{out_dir}/firm_edit.json", "w") as f:
+        json.dump({"resolution": resolution, "latents": "no VAE: pixels space-to-depth 2x2 (rl_edit.encode_latents)"}, f, indent=2)
+    return sum(p.numel() for p in transformer.parameters())
+
+
+def edit_triple(rng, size=64):
+    """One (source scene, edit, target scene, instruction) of the world, for pre-training and tests."""
+    src = random_scene(rng)
+    e = random_edit(rng, src)
+    return src, e, apply_edit(src, e), instruction(src, e, rng)
+
+
+def judge_editor(editor, triples, steps=6, seed=0, size=64):
+    """Mean pixel_judge_edit of the editor's results (upsampled to `size`) on (src, edit, target, instruction)s."""
+    import rl_edit
+    outs = rl_edit.edit(editor, [render(t[0], size) for t in triples], [t[3] for t in triples],
+                        [seed + i for i in range(len(triples))], steps=steps)
+    js = [pixel_judge_edit(o, t[0], t[2]) for o, t in zip(outs, triples)]
+    return {k: float(np.mean([j[k] for j in js])) for k in js[0]}, outs
+
+
+def _pretrain_edit_args(ap):
+    ap.add_argument("--out", default="runs/mini/models/edit-base", help="output diffusers directory")
+    ap.add_argument("--steps", type=int, default=500, help="optimizer steps (~0.26 s each on an idle core)")
+    ap.add_argument("--seconds", type=float, default=None, help="stop earlier after this many wall-clock seconds")
+    ap.add_argument("--batch", type=int, default=32, help="(source, instruction, target) triples per step")
+    ap.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    ap.add_argument("--layers", type=int, default=3, help="transformer blocks")
+    ap.add_argument("--heads", type=int, default=3, help="attention heads")
+    ap.add_argument("--head-dim", type=int, default=32, help="channels per head")
+    ap.add_argument("--s2d", type=int, default=2, help="pixels per latent cell along a side (space-to-depth, no VAE)")
+    ap.add_argument("--eval", type=int, default=64, help="held-out triples for the pixel judge at the end")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def _pretrain_edit(args):
+    """Flow matching on (source, instruction, target) triples: v = eps - x0 for the target x0 given the source."""
+    import time
+    from pathlib import Path
+    import torch
+    import rl_edit
+    from common import image_grid
+    from rl_gen import rectified_flow_interp
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(f"pretrain-edit:{args.seed}")
+    # the tokenizer learns the edit chat template too, so its system turn is ~50 tokens (Qwen's: 64), not 217 bytes
+    texts = [edit_triple(rng)[3] for _ in range(3000)] + [rl_edit.SYSTEM_PREFIX + rl_edit.USER_TURN] * 100
+    n = build_tiny_editor(args.out, texts, layers=args.layers, heads=args.heads, head_dim=args.head_dim, s2d=args.s2d, seed=args.seed)
+    editor = rl_edit.load_editor(args.out, device="cpu")
+    tr = editor.transformer.train()
+    print(f"tiny editor: {n / 1e6:.2f} M transformer parameters, {EDIT_RESOLUTION} px, {args.batch} triples/step, "
+          f"{args.steps} steps")
+    held_out = [edit_triple(random.Random(f"edit-eval:{i}")) for i in range(args.eval)]
+    opt = torch.optim.AdamW(tr.parameters(), lr=args.lr, weight_decay=0.0)
+    t0, step, losses = time.time(), 0, []
+    while step < args.steps and (args.seconds is None or time.time() - t0 < args.seconds):
+        batch = [edit_triple(rng) for _ in range(args.batch)]
+        srcs = [render(b[0], 64) for b in batch]
+        _, src, (h, w) = rl_edit.prepare_sources(editor, srcs)
+        _, x0, _ = rl_edit.prepare_sources(editor, [render(b[2], 64) for b in batch])
+        embeds, mask = rl_edit.encode_prompt(editor, [b[3] for b in batch], srcs)
+        t, eps = torch.rand(len(batch)), torch.randn_like(x0)
+        x_t = rectified_flow_interp(x0, eps, t)
+        v = rl_edit.predict_velocity(tr, x_t, src, t, embeds, mask, (h // 2, w // 2))
+        loss = torch.nn.functional.mse_loss(v, eps - x0)  # the velocity target of rectified flow
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            print(f"step {step:5d} | loss {np.mean(losses[-50:]):.4f} | {time.time() - t0:.0f} s", flush=True)
+    tr.eval()
+    tr.save_pretrained(Path(args.out) / "transformer")
+    with torch.no_grad():
+        judged, outs = judge_editor(editor, held_out)
+    noop = {k: float(np.mean([pixel_judge_edit(render(t[0], 64), t[0], t[2])[k] for t in held_out])) for k in judged}
+    print(f"pre-trained {step} steps in {time.time() - t0:.0f} s; pixel judge on {len(held_out)} held-out edits: "
+          f"edited {judged['edited']:.3f} kept {judged['kept']:.3f} overall {judged['overall']:.3f} "
+          f"(returning the source unchanged: edited {noop['edited']:.3f} kept {noop['kept']:.3f} overall {noop['overall']:.3f})")
+    rows = [[render(t[0], 64), o, render(t[2], 64)] for t, o in zip(held_out[:8], outs)]
+    image_grid(rows).save(Path(args.out) / "pretrain_edits.png")
+    with open(Path(args.out) / "pretrain_edit.json", "w") as f:
+        json.dump({"args": vars(args), "steps": step, "final_loss": float(np.mean(losses[-50:])), "pixel_judge": judged,
+                   "noop_pixel_judge": noop}, f, indent=2)
+    print(f"wrote {args.out} (pretrain_edits.png: source | edit | target)")
+
+
+COMMANDS["pretrain-edit"] = (_pretrain_edit_args, _pretrain_edit)
 
 
 # -----------------------------------------------------------------------------
