@@ -73,6 +73,7 @@ def get_args(argv=None):
     ap.add_argument("--rl-train", type=int, default=64, help="RL prompts (edit and gen each)")
     ap.add_argument("--rl-test", type=int, default=32, help="held-out RL prompts for policy evaluation")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--edit-ops", default=",".join(toy.EDIT_OPS), help="comma-separated edit operations of the world")
     # curation settings
     ap.add_argument("--balance-share", type=float, default=0.1, help="share of edit instructions rewritten to not match (Sec 3.1)")
     ap.add_argument("--val-share", type=float, default=0.05, help="share of SFT records held out for eval loss")
@@ -209,7 +210,7 @@ EDITOR_WEIGHTS = {"perfect": 0.15, "partial": 0.2, "wrong_object": 0.15, "no_op"
 def toy_edit_candidate(split, i, args, rng=None):
     rng = rng or random.Random(f"{args.seed}:edit:{split}:{i}")
     src = toy.random_scene(rng)
-    edit = toy.random_edit(rng, src)
+    edit = toy.random_edit(rng, src, rng.choice(args.edit_ops.split(",")))
     editor = rng.choices(list(EDITOR_WEIGHTS), weights=list(EDITOR_WEIGHTS.values()))[0]
     out, degrade = toy.simulate_editor(rng, src, edit, editor)
     item = {"id": f"edit-{split}-{i:06d}", "instruction": toy.instruction(src, edit, rng),

@@ -1096,7 +1096,7 @@ def build_tiny_editor(out_dir, texts, resolution=EDIT_RESOLUTION, layers=3, head
     return sum(p.numel() for p in transformer.parameters())
 
 
-def edit_triple(rng, size=64):
+def edit_triple(rng):
     """One (source scene, edit, target scene, instruction) of the world, for pre-training and tests."""
     src = random_scene(rng)
     e = random_edit(rng, src)
@@ -1129,6 +1129,7 @@ def _pretrain_edit_args(ap):
 
 def _pretrain_edit(args):
     """Flow matching on (source, instruction, target) triples: v = eps - x0 for the target x0 given the source."""
+    import shutil
     import time
     from pathlib import Path
     import torch
@@ -1138,10 +1139,13 @@ def _pretrain_edit(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(f"pretrain-edit:{args.seed}")
-    # the tokenizer learns the edit chat template too, so its system turn is ~50 tokens (Qwen's: 64), not 217 bytes
+    # the tokenizer learns the edit chat template too, so its system turn is 64 tokens (as Qwen's), not 217 bytes
     texts = [edit_triple(rng)[3] for _ in range(3000)] + [rl_edit.SYSTEM_PREFIX + rl_edit.USER_TURN] * 100
-    n = build_tiny_editor(args.out, texts, layers=args.layers, heads=args.heads, head_dim=args.head_dim, s2d=args.s2d, seed=args.seed)
-    editor = rl_edit.load_editor(args.out, device="cpu")
+    # built and trained in <out>.tmp, renamed at the end: a killed run never leaves a random editor at --out
+    out, tmp = Path(args.out), Path(str(args.out) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    n = build_tiny_editor(str(tmp), texts, layers=args.layers, heads=args.heads, head_dim=args.head_dim, s2d=args.s2d, seed=args.seed)
+    editor = rl_edit.load_editor(tmp, device="cpu")
     tr = editor.transformer.train()
     print(f"tiny editor: {n / 1e6:.2f} M transformer parameters, {EDIT_RESOLUTION} px, {args.batch} triples/step, "
           f"{args.steps} steps")
@@ -1167,7 +1171,7 @@ def _pretrain_edit(args):
         if step % 50 == 0:
             print(f"step {step:5d} | loss {np.mean(losses[-50:]):.4f} | {time.time() - t0:.0f} s", flush=True)
     tr.eval()
-    tr.save_pretrained(Path(args.out) / "transformer")
+    tr.save_pretrained(tmp / "transformer")
     with torch.no_grad():
         judged, outs = judge_editor(editor, held_out)
     noop = {k: float(np.mean([pixel_judge_edit(render(t[0], 64), t[0], t[2])[k] for t in held_out])) for k in judged}
@@ -1175,11 +1179,13 @@ def _pretrain_edit(args):
           f"edited {judged['edited']:.3f} kept {judged['kept']:.3f} overall {judged['overall']:.3f} "
           f"(returning the source unchanged: edited {noop['edited']:.3f} kept {noop['kept']:.3f} overall {noop['overall']:.3f})")
     rows = [[render(t[0], 64), o, render(t[2], 64)] for t, o in zip(held_out[:8], outs)]
-    image_grid(rows).save(Path(args.out) / "pretrain_edits.png")
-    with open(Path(args.out) / "pretrain_edit.json", "w") as f:
+    image_grid(rows).save(tmp / "pretrain_edits.png")
+    with open(tmp / "pretrain_edit.json", "w") as f:
         json.dump({"args": vars(args), "steps": step, "final_loss": float(np.mean(losses[-50:])), "pixel_judge": judged,
                    "noop_pixel_judge": noop}, f, indent=2)
-    print(f"wrote {args.out} (pretrain_edits.png: source | edit | target)")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"wrote {out} (pretrain_edits.png: source | edit | target)")
 
 
 COMMANDS["pretrain-edit"] = (_pretrain_edit_args, _pretrain_edit)
