@@ -72,7 +72,8 @@ PRESETS = {"mini": {  # the miniature world: what curate.py, train_reward.py, to
                             f"critic-base={M}/models/critic-base", "constant=constant",
                             "oracle-noisy=oracle:0.15:report", "oracle-direct=oracle:0.15:direct"]),
     # the RL scripts save their LoRA (pytorch_lora_weights.safetensors) in their --out directory
-    "policy gen": dict(base=f"{M}/models/gen-base", tuned=[f"qma={M}/rl_gen"], prompts=f"{M}/data/rl/gen_test.jsonl"),
+    "policy gen": dict(base=f"{M}/models/gen-base", prompts=f"{M}/data/rl/gen_test.jsonl",
+                       tuned=[f"qma={M}/rl_gen", f"pixel={M}/rl_gen_pixel"]),
     "policy edit": dict(base=f"{M}/models/edit-base", prompts=f"{M}/data/rl/edit_test.jsonl",
                         tuned=[f"cme={M}/rl_edit_cme", f"sum55={M}/rl_edit_sum55"])}}
 # FIRM-Bench MAE of the paper (FIRM_NOTES section 5), shown beside ours for reference

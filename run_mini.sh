@@ -49,12 +49,12 @@ stage "5/7 DiffusionNFT: generator with QMA, editor with CME"
 side_by_side rl-gen "unless_done $R/rl_gen/pytorch_lora_weights.safetensors python rl_gen.py --preset mini" \
              rl-edit-cme "unless_done $R/rl_edit_cme/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --reward cme --resume"
 
-stage "6/7 DiffusionNFT ablation: editor with the naive 0.5/0.5 sum (Table 5); evaluate the generator"
+stage "6/7 DiffusionNFT ablations: editor with the naive 0.5/0.5 sum (Table 5); generator with the exact pixel reward"
 side_by_side rl-edit-sum55 "unless_done $R/rl_edit_sum55/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --reward sum55 --resume" \
-             eval-gen "python bench.py policy --preset mini --kind gen"
+             rl-gen-pixel "unless_done $R/rl_gen_pixel/pytorch_lora_weights.safetensors python rl_gen.py --preset mini --reward pixel --out $R/rl_gen_pixel"
 
-stage "7/7 evaluate the editors with the independent pixel judge, write the report"
-python bench.py policy --preset mini --kind edit 2>&1 | tee $R/logs/eval-edit.log
+stage "7/7 evaluate the policies with the independent pixel judge, write the report"
+side_by_side eval-gen "python bench.py policy --preset mini --kind gen" eval-edit "python bench.py policy --preset mini --kind edit"
 python bench.py report --preset mini 2>&1 | tee $R/logs/report.log
 
 stage "done: open $R/REPORT.md"

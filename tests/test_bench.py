@@ -277,7 +277,9 @@ def test_policy_preset_names_base_and_tuned_editors_and_rejects_a_missing_one(tm
     assert args.base == "runs/mini/models/edit-base" and args.prompts == "runs/mini/data/rl/edit_test.jsonl"
     assert args.tuned == {"cme": "runs/mini/rl_edit_cme", "sum55": "runs/mini/rl_edit_sum55"}
     lora_dir(tmp_path / "runs/mini/rl_gen")
-    assert bench.get_args(["policy", "--preset", "mini", "--kind", "gen"]).tuned == {"qma": "runs/mini/rl_gen"}
+    lora_dir(tmp_path / "runs/mini/rl_gen_pixel")
+    assert bench.get_args(["policy", "--preset", "mini", "--kind", "gen"]).tuned == {
+        "qma": "runs/mini/rl_gen", "pixel": "runs/mini/rl_gen_pixel"}
 
 
 # -----------------------------------------------------------------------------
