@@ -597,7 +597,7 @@ def policy_summary(args, recs, out, base_dir, scores):
     md = [f"# Policy evaluation ({args.kind}, judge {args.judge})", "",
           f"{len(recs)} prompts x {args.samples_per_prompt} seeds (seed = {args.seed} + global index, the same for "
           "every policy). Mean +- 1.96 std/sqrt(n); the gains are paired per prompt and seed."
-          + (f" The judge's score is the mean of its parts: {', '.join(parts)}." if parts else ""), "",
+          + (f" The judge's score is the product of its parts: {', '.join(parts)}." if parts else ""), "",
           "| policy | n | mean score | 95% CI | " + "".join(f"{p} | " for p in parts) + "judge failures |",
           "|---" * (5 + len(parts)) + "|"]
     md += [row(v, x, [fmt(x["parts"].get(p), 3) for p in parts] + [x["failures"]]).strip()
