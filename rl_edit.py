@@ -687,6 +687,9 @@ def main(args):
     try:
         records = load_prompt_records(args.prompts)
         test = load_prompt_records(args.test_prompts) if args.test_prompts else records
+        if not (args.reward.startswith("pixel") or args.reward_url or Path(args.reward_model).is_dir()):
+            raise DataError(f"--reward-model {args.reward_model}: no such model directory "
+                            "(the miniature world's: python train_reward.py --preset mini --task edit)")
         if args.reward.startswith("pixel") and any("toy" not in r for r in records):
             raise DataError(f"{args.prompts}: --reward {args.reward} needs the miniature world's records (field 'toy')")
         # LoRA: frozen base in the compute dtype, fp32 adapters; full fine-tuning: fp32 master weights
