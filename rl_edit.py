@@ -58,7 +58,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -72,8 +71,9 @@ from PIL import Image
 
 from common import (DataError, MetricsLog, cleanup_dist, die, image_grid, load_image, pil_to_tensor, plot_curves,
                     print0, read_jsonl, seed_everything, setup_dist, tensor_to_pil, write_json)
-from rl_gen import (ema_decay, ema_update_, group_advantages, kl_loss, nft_loss, ode_sample, old_policy_decay,
-                    optimality_probability, rectified_flow_interp)
+from rl_gen import (clone_weights, ema_decay, ema_update_, find_checkpoint, full_weights, group_advantages, kl_loss,
+                    load_checkpoint, nft_loss, ode_sample, old_policy_decay, optimality_probability,
+                    rectified_flow_interp, save_checkpoint, use_weights)
 
 # -----------------------------------------------------------------------------
 # the editor: loading, latents, prompt encoding, velocity, sampling
@@ -414,7 +414,8 @@ class Rewarder:
 
 
 # -----------------------------------------------------------------------------
-# model: LoRA adapters, FSDP2, parameter values swapped in for the old policy / reference / EMA
+# model: LoRA adapters, FSDP2 (the old policy / reference / EMA are parameter values that rl_gen.use_weights
+# swaps in; checkpoints are rl_gen.save_checkpoint / load_checkpoint: the plumbing lives once, there)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # attention
 
@@ -442,48 +443,6 @@ def shard(editor, world):
         fully_shard(layer, mesh=mesh)
     fully_shard(te.model.visual, mesh=mesh)
     fully_shard(te, mesh=mesh)
-
-
-def full_tensors(params):
-    """Full (unsharded) CPU copies of possibly FSDP-sharded parameters or tensors. Collective: all ranks call."""
-    from torch.distributed.tensor import DTensor
-    return [(p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu() for p in params]
-
-
-@torch.no_grad()
-def load_into(params, fulls):
-    """Copy full tensors into (possibly sharded) parameters / buffers of the same shapes."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    for p, v in zip(params, fulls, strict=True):
-        v = v.to(p.device, p.dtype)
-        p.copy_(distribute_tensor(v, p.device_mesh, p.placements) if isinstance(p, DTensor) else v)
-
-
-class Swap:
-    """with Swap(model, params, values): the model runs with `values` in place of its trainable parameters
-    (the old policy, the frozen reference, the EMA), and gets its own back afterwards."""
-
-    def __init__(self, model, params, values):
-        self.model, self.params, self.values = model, params, values
-
-    def _reshard(self):  # no unsharded copy of the previous values may survive a swap
-        from torch.distributed.fsdp import FSDPModule
-        for m in self.model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-
-    @torch.no_grad()
-    def __enter__(self):
-        self._reshard()
-        self.saved = [p.detach().clone() for p in self.params]
-        for p, v in zip(self.params, self.values):
-            p.copy_(v)
-
-    @torch.no_grad()
-    def __exit__(self, *exc):
-        self._reshard()
-        for p, v in zip(self.params, self.saved):
-            p.copy_(v)
 
 
 # -----------------------------------------------------------------------------
@@ -522,15 +481,15 @@ def edit_all_ranks(editor, sources, instructions, seeds, steps, micro_batch, ran
 
 
 # -----------------------------------------------------------------------------
-# save / resume
+# save: the EMA weights in the formats diffusers loads
 
 
-def save_lora(out_dir, names, values, lora_cfg, rank, sidecar):
+def save_lora(out_dir, model, params, values, lora_cfg, rank, sidecar):
     """The adapters as a diffusers LoRA (pytorch_lora_weights.safetensors + .json sidecar): pipe.load_lora_weights(out_dir)."""
     from diffusers import QwenImageEditPlusPipeline
-    fulls = full_tensors(values)  # only the adapters are gathered, never the 20B base
+    full = full_weights(model, params, values)  # only the adapters are gathered, never the 20B base
     if rank == 0:
-        sd = {n.replace(".default.", "."): v.contiguous() for n, v in zip(names, fulls)}
+        sd = {n.replace(".default.", "."): v.contiguous() for n, v in full.items()}
         meta = {"r": lora_cfg.r, "lora_alpha": lora_cfg.lora_alpha, "target_modules": sorted(lora_cfg.target_modules)}
         QwenImageEditPlusPipeline.save_lora_weights(out_dir, transformer_lora_layers=sd, transformer_lora_adapter_metadata=meta)
         write_json(Path(out_dir) / "pytorch_lora_weights.json", sidecar)
@@ -540,53 +499,13 @@ def save_transformer(out_dir, editor, params, values, rank, sidecar):
     """Full fine-tuning: the whole transformer with `values` in, as a diffusers model folder."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    with Swap(editor.transformer, params, values):
+    with use_weights(editor.transformer, params, values):
         sd = get_model_state_dict(editor.transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         editor.transformer.save_config(out_dir)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(out_dir) / "diffusion_pytorch_model.safetensors"))
         write_json(Path(out_dir) / "rl_edit.json", sidecar)
-
-
-def save_checkpoint(out, step, names, params, old, ema, opt, transformer, rank):
-    """out/checkpoint: trainable params, old policy, EMA, AdamW state (safetensors) + state.json. Atomic swap."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    tensors = {}
-    for tag, vals in (("param", params), ("old", old), ("ema", ema)):
-        tensors.update({f"{tag}/{n}": v for n, v in zip(names, full_tensors(vals))})
-    osd = get_optimizer_state_dict(transformer, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tensors.update({f"optim/{fqn}::{k}": torch.as_tensor(v).detach().cpu() for fqn, s in osd["state"].items() for k, v in s.items()})
-    if rank == 0:
-        ckpt, tmp, prev = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-        write_json(tmp / "state.json", {"step": step, "param_groups": osd["param_groups"]})
-        if ckpt.exists():
-            os.replace(ckpt, prev)
-        os.replace(tmp, ckpt)
-        shutil.rmtree(prev, ignore_errors=True)
-    dist.barrier()
-
-
-def load_checkpoint(ckpt, names, params, old, ema, opt, transformer):
-    """Restore what save_checkpoint wrote; returns the number of steps done."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    t, state = load_file(str(ckpt / "state.safetensors")), json.loads((ckpt / "state.json").read_text())
-    for tag, vals in (("param", params), ("old", old), ("ema", ema)):
-        load_into(vals, [t[f"{tag}/{n}"] for n in names])
-    nested = {}
-    for key, v in t.items():
-        if key.startswith("optim/"):
-            fqn, k = key[len("optim/"):].rsplit("::", 1)
-            nested.setdefault(fqn, {})[k] = v
-    # strict=False: adapters that never get a gradient (the last block's text-stream output is unused) have no state
-    set_optimizer_state_dict(transformer, opt, {"state": nested, "param_groups": state["param_groups"]},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
-    return state["step"]
 
 
 # -----------------------------------------------------------------------------
@@ -706,19 +625,18 @@ def main(args):
         if p.requires_grad:
             p.data = p.data.float()  # trained weights and their AdamW state in fp32
     shard(editor, world)
-    names = [n for n, p in tr.named_parameters() if p.requires_grad]
     params = [p for p in tr.parameters() if p.requires_grad]
     # Parameter values the loop swaps in: the frozen reference (LoRA: B = 0, i.e. the base model), the old
     # (rollout) policy and the EMA that gets saved. All are sharded like the parameters themselves.
-    ref = [p.detach().clone() for p in params]
-    old = [p.detach().clone() for p in params]
-    ema = [p.detach().clone() for p in params]
+    ref, old, ema = clone_weights(params), clone_weights(params), clone_weights(params)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     rewarder = Rewarder(args, device)
     start = 0
-    if args.resume and (out / "checkpoint").is_dir():
-        start = load_checkpoint(out / "checkpoint", names, params, old, ema, opt, tr)
-        print0(f"resumed from {out / 'checkpoint'} after step {start}")
+    ckpt = find_checkpoint(out) if args.resume else None
+    if ckpt is not None:
+        # strict=False: adapters that never get a gradient (the last block's text-stream output is unused) have no AdamW state
+        start, old, ema = load_checkpoint(ckpt, tr, params, opt, strict=False)
+        print0(f"resumed from {ckpt} after step {start}")
         if rank == 0 and (out / "metrics.jsonl").is_file():  # forget what the killed run logged after its checkpoint
             from common import read_jsonl_resumable, write_jsonl
             write_jsonl(out / "metrics.jsonl", [r for r in read_jsonl_resumable(out / "metrics.jsonl") if r["step"] <= start])
@@ -736,7 +654,7 @@ def main(args):
 
     def evaluate(values):
         """Edit the test prompts with the given weights (fixed seeds); critic reward + pixel judge on rank 0."""
-        with Swap(tr, params, values):
+        with use_weights(tr, params, values):
             imgs = edit_all_ranks(editor, test_sources, [r["prompt"] for r in test], test_seeds, args.rollout_steps,
                                   args.micro_batch, rank, world)
         m = {}
@@ -767,7 +685,7 @@ def main(args):
 
         # 2. rollout with the old policy (no grad): K edits of each prompt, x0 kept for training
         batches = []
-        with Swap(tr, params, old):
+        with use_weights(tr, params, old):
             for b, real in plan:
                 r = rollout(editor, [sources[prompt_of[g]] for g in b], [records[prompt_of[g]]["prompt"] for g in b],
                             [seeds[g] for g in b], args.rollout_steps)
@@ -816,9 +734,9 @@ def main(args):
                 xs.append((rectified_flow_interp(x0, eps, t), t))
             vf = lambda x, t: predict_velocity(tr, x, r["source"], t, r["embeds"], r["mask"], r["grid"]).float()
             with torch.no_grad():
-                with Swap(tr, params, old):
+                with use_weights(tr, params, old):
                     v_old = [vf(x, t) for x, t in xs]
-                with Swap(tr, params, ref):
+                with use_weights(tr, params, ref):
                     v_ref = [vf(x, t) for x, t in xs]
             for (x_t, t), vo, vr in zip(xs, v_old, v_ref):
                 v = vf(x_t, t)
@@ -848,7 +766,7 @@ def main(args):
             m.update(m_after)
         log.log(done, **m)
         if done % args.save_every == 0 and done < args.steps:
-            save_checkpoint(out, done, names, params, old, ema, opt, tr, rank)
+            save_checkpoint(out, tr, params, opt, old, ema, done, rank)
         if args.stop_after is not None and done >= start + args.stop_after:
             print0(f"stopping after {args.stop_after} steps (--stop-after), as if killed")
             cleanup_dist()
@@ -859,7 +777,7 @@ def main(args):
     if args.full_finetune:
         save_transformer(out / "transformer", editor, params, ema, rank, sidecar)
     else:
-        save_lora(out, names, ema, lora_cfg, rank, sidecar)
+        save_lora(out, tr, params, ema, lora_cfg, rank, sidecar)
     if before is None:  # resumed: the base model's edits again (same seeds)
         before, _ = evaluate(ref)
     if after is None:

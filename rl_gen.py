@@ -501,8 +501,9 @@ def find_checkpoint(out):
     return None
 
 
-def load_checkpoint(ckpt, model, params, opt):
-    """Every rank reads the full checkpoint and keeps its shard. Returns (step, old, ema)."""
+def load_checkpoint(ckpt, model, params, opt, strict=True):
+    """Every rank reads the full checkpoint and keeps its shard. Returns (step, old, ema). strict=False lets
+    parameters that never got a gradient (so have no AdamW state) through, as rl_edit.py's model has."""
     state = json.loads((ckpt / "state.json").read_text())
     old = load_full_weights(model, params, load_weights(ckpt / "old.safetensors"))
     ema = load_full_weights(model, params, load_weights(ckpt / "ema.safetensors"))
@@ -512,7 +513,7 @@ def load_checkpoint(ckpt, model, params, opt):
         fqn, k = key.rsplit("::", 1)
         nested.setdefault(fqn, {})[k] = v
     set_optimizer_state_dict(model, opt, {"state": nested, "param_groups": state["param_groups"]},
-                             options=StateDictOptions(full_state_dict=True))
+                             options=StateDictOptions(full_state_dict=True, strict=strict))
     return state["step"], old, ema
 
 
