@@ -331,6 +331,37 @@ def sft_records(rows, kind, image_prefix):
     return out
 
 
+def vlm_records(rows, kind, image_prefix, seed):
+    """Seeing before judging (miniature world only): questions about the SFT pool's images answered from the
+    ground-truth scenes. A randomly initialised tiny VLM first learns to describe an image and a change here
+    (train_reward.py --task vlm), then learns to judge; a real Qwen3-VL base already can.
+    Edit candidates: describe both images; what changed. Gen candidates: describe; where is / is there."""
+    out = []
+    for r in rows:
+        rng = random.Random(f"{seed}:vlm:{r['id']}")
+        rec = lambda tag, images, q, a: {"id": f"{r['id']}:{tag}", "mode": "describe", "images": images,
+                                         "messages": [{"role": "user", "content": "<image>" * len(images) + q},
+                                                      {"role": "assistant", "content": a}]}
+        after = toy.Scene.from_dict(r["toy"]["out_scene"])
+        if kind == "edit":
+            before, images = toy.Scene.from_dict(r["toy"]["scene"]), [image_prefix + r["source"], image_prefix + r["edited"]]
+            out.append(rec("describe", images, "Describe both images.",
+                           f"Image 1: {toy.describe(before)}. Image 2: {toy.describe(after)}."))
+            changes = [toy.change_phrase(before, after, c) for c in toy.scene_changes(before, after)]
+            out.append(rec("changes", images, "What changed from image 1 to image 2?", "; ".join(changes or ["nothing"]) + "."))
+        else:
+            images = [image_prefix + r["image"]]
+            out.append(rec("describe", images, "Describe the image.", toy.describe(after) + "."))
+            if after.objects and rng.random() < 0.5:
+                o = rng.choice(after.objects)
+                out.append(rec("where", images, f"Where is the {o.name}?", f"At the {toy.cell_name(o.col, o.row)}."))
+            else:
+                color, shape = rng.choice(list(toy.COLORS)), rng.choice(toy.SHAPES)
+                there = any(o.color == color and o.shape == shape for o in after.objects)
+                out.append(rec("is-there", images, f"Is there a {color} {shape}?", "Yes." if there else "No."))
+    return out
+
+
 def split_val(records, share, seed):
     """Hold out whole candidates (both modes of one item stay together)."""
     key = lambda r: r["id"].rsplit(":", 1)[0]
@@ -341,7 +372,7 @@ def split_val(records, share, seed):
 
 def write_outputs(args, root, image_dirs=None):
     """SFT files under <root>/sft; image paths are rewritten relative to that directory."""
-    counts = {}
+    counts, vlm_train, vlm_val = {}, [], []
     for kind, suffix in [("edit", ""), ("gen", ""), ("edit", "_direct"), ("gen", "_direct")]:
         path = root / kind / f"curated{suffix}.jsonl"
         if not path.exists():
@@ -353,6 +384,14 @@ def write_outputs(args, root, image_dirs=None):
         write_jsonl(root / "sft" / f"{kind}{suffix}_train.jsonl", train)
         write_jsonl(root / "sft" / f"{kind}{suffix}_val.jsonl", val)
         counts[f"{kind}{suffix}"] = score_histograms(train + val)
+        if suffix == "" and "toy" in read_jsonl(path)[0]:  # the same candidates held out as in the SFT split
+            vlm = split_val(vlm_records(read_jsonl(path), kind, prefix, args.seed), args.val_share, args.seed)
+            vlm_train, vlm_val = vlm_train + vlm[0], vlm_val + vlm[1]
+    if vlm_train:
+        random.Random(args.seed).shuffle(vlm_train)
+        write_jsonl(root / "sft" / "vlm_train.jsonl", vlm_train)
+        write_jsonl(root / "sft" / "vlm_val.jsonl", vlm_val)
+        counts["vlm"] = {"describe": {"n": len(vlm_train) + len(vlm_val)}}
     return counts
 
 

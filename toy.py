@@ -42,7 +42,7 @@ COLORS = {
 }
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (150, 150, 150), "beige": (225, 205, 160), "light blue": (170, 205, 240)}
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.13, "medium": 0.18, "large": 0.24}  # radius as a fraction of the image side
+SIZES = {"small": 0.17, "medium": 0.22, "large": 0.27}  # radius as a fraction of the image side
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 CELL_CENTRES = (0.22, 0.5, 0.78)
 NUDGE = 0.07  # a "minor" displacement, as a fraction of the image side

@@ -31,6 +31,32 @@ def test_cli_writes_every_split_of_the_contract(mini_data):
     assert not any("Analysis plan" in r["messages"][0]["content"] for r in gen)
 
 
+def test_vlm_pretraining_records_describe_the_ground_truth_and_hold_out_the_sft_val_candidates(mini_data):
+    train, val = read_jsonl(mini_data / "sft/vlm_train.jsonl"), read_jsonl(mini_data / "sft/vlm_val.jsonl")
+    curated = {r["id"]: r for kind in ("edit", "gen") for r in read_jsonl(mini_data / kind / "curated.jsonl")}
+    tags = {r["id"].rsplit(":", 1)[1] for r in train}
+    assert {"describe", "changes"} <= tags and tags & {"where", "is-there"}
+    for r in train + val:
+        cand = curated[r["id"].rsplit(":", 1)[0]]
+        q, a = r["messages"][0]["content"], r["messages"][1]["content"]
+        assert q.count("<image>") == len(r["images"])
+        for p in r["images"]:
+            load_image(p, mini_data / "sft")
+        before, after = (toy.Scene.from_dict(cand["toy"].get("scene")), toy.Scene.from_dict(cand["toy"]["out_scene"]))
+        if q.endswith("Describe the image."):
+            assert a == toy.describe(after) + "."
+        elif q.endswith("Describe both images."):
+            assert a == f"Image 1: {toy.describe(before)}. Image 2: {toy.describe(after)}."
+        elif q.endswith("What changed from image 1 to image 2?"):
+            changes = toy.scene_changes(before, after)
+            assert a == ("; ".join(toy.change_phrase(before, after, c) for c in changes) if changes else "nothing") + "."
+    # the same candidates are held out as in the critics' SFT split (no val image is seen in pre-training)
+    key = lambda r: r["id"].rsplit(":", 1)[0]
+    sft_val = {key(r) for kind in ("edit", "gen") for r in read_jsonl(mini_data / f"sft/{kind}_val.jsonl")}
+    assert {key(r) for r in val} == sft_val
+    assert not {key(r) for r in train} & sft_val
+
+
 def test_curated_records_keep_the_report_and_plan_the_critic_does_not_see(mini_data):
     edit = read_jsonl(mini_data / "edit/curated.jsonl")[0]
     assert edit["context"].startswith("Obvious changes:") and "Position/layout:" in edit["context"]

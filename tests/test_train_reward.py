@@ -186,3 +186,13 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_losses(mini_data
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert sorted(cut) == [1, 2, 3, 4, 5]  # step 3 (lost) was redone and logged once
     assert all(cut[s] == pytest.approx(full[s], rel=1e-6) for s in full)
+
+
+def test_mini_preset_trains_the_seeing_base_first_and_the_critics_from_it():
+    vlm = tr.get_args(["--preset", "mini", "--task", "vlm"])
+    assert (vlm.model, vlm.out, vlm.val_generate) == ("runs/mini/models/critic-base", "runs/mini/models/vlm-base", 0)
+    assert vlm.train_file == "runs/mini/data/sft/vlm_train.jsonl"
+    edit = tr.get_args(["--preset", "mini", "--task", "edit", "--ablation", "direct"])
+    assert (edit.model, edit.out) == ("runs/mini/models/vlm-base", "runs/mini/models/edit-critic-direct")
+    assert edit.train_file == "runs/mini/data/sft/edit_direct_train.jsonl"
+    assert tr.get_args(["--preset", "mini", "--task", "gen", "--model", "x"]).model == "x"  # an explicit flag wins
