@@ -29,6 +29,8 @@ side_by_side() {
 }
 # Run a command unless its output marker exists (finished earlier); killed runs resume from checkpoints.
 unless_done() { local marker=$1; shift; if [ -e "$marker" ]; then echo "skip: $marker exists"; else eval "$@"; fi; }
+# Wait (at most 30 min) for a file that the other lane writes.
+wait_for() { local t=0; until [ -e "$1" ]; do sleep 5; t=$((t + 5)); [ $t -lt 1800 ] || { echo "!! gave up waiting for $1"; return 1; }; done; }
 
 stage "1/4 curate the miniature datasets (difference-first edits, plan-then-score generations)"
 unless_done $R/data/summary.json "python curate.py 2>&1 | tee $R/logs/curate.log"
@@ -37,8 +39,8 @@ unless_done $R/data/summary.json "python curate.py 2>&1 | tee $R/logs/curate.log
 critic() { echo "unless_done $R/models/$1/train_reward.json python train_reward.py --preset mini --resume $2"; }
 stage "2/4 teach the tiny Qwen3-VL to see, then train the edit and gen critics | pre-train the tiny policies"
 side_by_side \
-  critics "$(critic vlm-base '--task vlm') && $(critic edit-critic '--task edit') && $(critic gen-critic '--task gen')" \
-  policies "unless_done $R/models/gen-base/model_index.json python toy.py pretrain-gen && unless_done $R/models/edit-base/model_index.json python toy.py pretrain-edit"
+  critics "$(critic vlm-base '--task vlm') && $(critic edit-critic '--task edit')" \
+  policies "unless_done $R/models/gen-base/model_index.json python toy.py pretrain-gen && wait_for $R/models/vlm-base/train_reward.json && $(critic gen-critic '--task gen') && unless_done $R/models/edit-base/model_index.json python toy.py pretrain-edit"
 
 stage "3/4 DiffusionNFT: gen with QMA, edit with CME + ablations (edit with the 0.5/0.5 sum, Table 5; gen with the exact pixel reward) | bench the critics"
 side_by_side \

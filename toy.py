@@ -723,11 +723,13 @@ class OracleJudge:
         relevant = [change_phrase(src, seen, c) for c in scene_changes(src, seen) if (c["id"], c["kind"]) in requested_kinds(edit)
                     or c["kind"] in ("added", "removed")]
         seen_txt = "; ".join(relevant) if relevant else "no requested change visible"
-        ex_reason = f"Asked: {request_summary(src, edit)}. Seen: {seen_txt}. Execution {VERDICT[ex]}."
+        # both answers first say what changed (as the judge sees it), then judge it: the critic learns to look first
+        changed = "Changes: " + ("; ".join(change_phrase(src, seen, c) for c in scene_changes(src, seen)) or "nothing") + "."
+        ex_reason = f"{changed} Asked: {request_summary(src, edit)}. Seen: {seen_txt}. Execution {VERDICT[ex]}."
         un = unintended_changes(src, seen, edit)
         sig = sum(c["significant"] for c in un)
         un_txt = "; ".join(change_phrase(src, seen, c) for c in un) if un else "none"
-        co_reason = f"Unrequested changes: {un_txt}. {sig} significant, {len(un) - sig} minor."
+        co_reason = f"{changed} Unrequested changes: {un_txt}. {sig} significant, {len(un) - sig} minor."
         return {"execution": (answer_json(ex_reason, [ex]), ex), "consistency": (answer_json(co_reason, [co]), co)}
 
     # -- generation: plan, then item-by-item analysis ending in \boxed{n}; quality ratings

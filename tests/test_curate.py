@@ -35,7 +35,7 @@ def test_vlm_pretraining_records_describe_the_ground_truth_and_hold_out_the_sft_
     train, val = read_jsonl(mini_data / "sft/vlm_train.jsonl"), read_jsonl(mini_data / "sft/vlm_val.jsonl")
     curated = {r["id"]: r for kind in ("edit", "gen") for r in read_jsonl(mini_data / kind / "curated.jsonl")}
     tags = {r["id"].rsplit(":", 1)[1] for r in train}
-    assert {"describe", "changes"} <= tags and tags & {"where", "is-there"}
+    assert {"describe", "changes", "asked"} <= tags and tags & {"where", "is-there"}
     for r in train + val:
         cand = curated[r["id"].rsplit(":", 1)[0]]
         q, a = r["messages"][0]["content"], r["messages"][1]["content"]
@@ -50,6 +50,9 @@ def test_vlm_pretraining_records_describe_the_ground_truth_and_hold_out_the_sft_
         elif q.endswith("What changed from image 1 to image 2?"):
             changes = toy.scene_changes(before, after)
             assert a == ("; ".join(toy.change_phrase(before, after, c) for c in changes) if changes else "nothing") + "."
+        elif q.endswith("What is asked?"):
+            assert q == f"<image><image>Instruction: {cand['instruction']}\nWhat is asked?"
+            assert a == toy.request_summary(before, cand["toy"]["edit"]) + "."
     # the same candidates are held out as in the critics' SFT split (no val image is seen in pre-training)
     key = lambda r: r["id"].rsplit(":", 1)[0]
     sft_val = {key(r) for kind in ("edit", "gen") for r in read_jsonl(mini_data / f"sft/{kind}_val.jsonl")}
