@@ -12,7 +12,10 @@ Generation pipeline, per (image, prompt) candidate:
   2. it scores the image item by item against the plan, ending in \\boxed{n} (INSTRUCTION
      FOLLOWING), and rates aesthetics / technical quality / structure (QUALITY, for QMA).
 The critic SFT files keep the judge's answer as the target but use the plain scoring prompt
-WITHOUT the report or plan (Sec 4.1), so the critic learns to judge directly.
+WITHOUT the report or plan (Sec 4.1), so the critic learns to judge directly. In the miniature world
+curate.py also writes sft/vlm_{train,val}.jsonl: questions about the same images answered from the
+ground truth (describe, what changed, what is asked), on which the randomly initialised tiny critic
+base first learns to see (train_reward.py --task vlm); a real Qwen3-VL base needs no such step.
 
 Judges (--judge): "oracle" (the miniature world's, knows the scenes; default), "transformers"
 (any local image-text-to-text model, e.g. Qwen3-VL-8B-Instruct: --judge-model DIR) and "openai"
@@ -29,6 +32,8 @@ Departures from the paper:
      world) or by taking another record's instruction (real data), not by asking an LLM.
   3. `--ablation-direct` also writes SFT files judged WITHOUT report/plan (the paper's argument,
      testable here: does the curated critic beat one trained on directly judged labels?).
+  4. The miniature oracle's edit answers start with the list of changes it sees ("Changes: ...") before
+     judging them: a 1 M-parameter critic learns to look before it learns to judge.
 """
 
 import argparse

@@ -24,7 +24,7 @@ one per rank, so the group size need not divide the number of GPUs; rewards are 
 
 Outputs in --out: pytorch_lora_weights.safetensors (the EMA LoRA; pipe.load_lora_weights(out) reads it) with
 its sidecar pytorch_lora_weights.json (or transformer/ with --full-finetune), metrics.jsonl and eval.jsonl,
-reward_curve.png, samples_grid.png (held-out prompts x evaluation steps), checkpoint/ for resuming.
+reward_curve.png, samples_grid.png (held-out prompts x evaluation steps), checkpoint/ (resume with --resume).
 
 Deviations from the paper / release:
   1. The old policy, the EMA and (with --full-finetune) the frozen base are kept as copies of the trainable
@@ -126,7 +126,7 @@ def get_args(argv=None):
     ap.add_argument("--eval-samples", type=int, default=1, help="samples per held-out prompt")
     ap.add_argument("--grid-prompts", type=int, default=6, help="rows of samples_grid.png")
     ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (a killed run resumes from it)")
-    ap.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint if it exists")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     pre, _ = ap.parse_known_args(argv)
@@ -747,7 +747,7 @@ def main(args):
     ref = clone_weights(params) if args.kl_weight > 0 else None  # the frozen base (deviation 1)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     old, ema, start = clone_weights(params), clone_weights(params), 0  # rollout policy, saved EMA
-    ckpt = None if args.no_resume else find_checkpoint(out)
+    ckpt = find_checkpoint(out) if args.resume else None
     if ckpt is not None:
         start, old, ema = load_checkpoint(ckpt, model, params, opt)
         print0(f"resumed from {ckpt} at step {start}")

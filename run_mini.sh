@@ -44,8 +44,8 @@ side_by_side \
 
 stage "3/4 DiffusionNFT: gen with QMA, edit with CME + ablations (edit with the 0.5/0.5 sum, Table 5; gen with the exact pixel reward) | bench the critics"
 side_by_side \
-  rl-a "unless_done $R/rl_gen/pytorch_lora_weights.safetensors python rl_gen.py --preset mini && unless_done $R/rl_edit_sum55/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --reward sum55 --resume" \
-  rl-b "unless_done $R/rl_edit_cme/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --reward cme --resume && unless_done $R/rl_gen_pixel/pytorch_lora_weights.safetensors python rl_gen.py --preset mini --reward pixel --out $R/rl_gen_pixel && python bench.py critics --preset mini"
+  rl-a "unless_done $R/rl_gen/pytorch_lora_weights.safetensors python rl_gen.py --preset mini --resume && unless_done $R/rl_edit_sum55/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --reward sum55 --resume" \
+  rl-b "unless_done $R/rl_edit_cme/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --reward cme --resume && unless_done $R/rl_gen_pixel/pytorch_lora_weights.safetensors python rl_gen.py --preset mini --reward pixel --out $R/rl_gen_pixel --resume && python bench.py critics --preset mini"
 
 stage "4/4 evaluate the policies with the independent pixel judge, write the report"
 side_by_side eval-gen "python bench.py policy --preset mini --kind gen" eval-edit "python bench.py policy --preset mini --kind edit"

@@ -7,6 +7,7 @@ script trains the edit critic (execution + consistency records, original image f
 critic (instruction + quality records); only the data differs.
 
     python curate.py                                        # miniature data + tiny Qwen3-VL base
+    python train_reward.py --preset mini --task vlm         # the base learns to see -> runs/mini/models/vlm-base
     python train_reward.py --preset mini --task edit        # -> runs/mini/models/edit-critic
     python train_reward.py --preset mini --task gen         # -> runs/mini/models/gen-critic
     python train_reward.py --preset mini --task edit --ablation direct   # critic on directly judged labels
@@ -17,7 +18,10 @@ critic (instruction + quality records); only the data differs.
 Defaults are the paper's (FIRM-Edit-8B model card: lr 1e-5, cosine, warmup 0.1, 1 epoch, per-device
 batch 10 x 2 accumulation x 8 GPUs = global batch 160, LLaMA-Factory's grad clip 1.0 and no weight
 decay). Preset "mini" changes only what must differ for a randomly initialised 1 M-parameter critic
-on one CPU core; every value it sets is printed at start and listed in PRESETS below.
+on one CPU core; every value it sets is printed at start and listed in PRESETS below. A random-init
+critic trained on judging alone learns the label prior and invents what it "sees"; so in the miniature
+world the same script first trains the base on questions about the images (--task vlm: describe, what
+changed, what is asked; written by curate.py), and the critics start from that.
 
 Output (--out): a model directory that AutoModelForImageTextToText / AutoProcessor open directly
 (safetensors, in the base model's dtype), train_reward.json (args, step, data, eval loss, val MAE),

@@ -273,7 +273,7 @@ def test_rl_step_runs_saves_resumes_identically_and_the_lora_loads_into_diffuser
     root = tiny[0]
     R.main(R.get_args(_args(tiny, root / "a", "--steps", "2")))
     R.main(R.get_args(_args(tiny, root / "b", "--steps", "1")))  # killed after step 1 ...
-    R.main(R.get_args(_args(tiny, root / "b", "--steps", "2")))  # ... and continued
+    R.main(R.get_args(_args(tiny, root / "b", "--steps", "2", "--resume")))  # ... and continued
     a, b = load_file(root / "a" / "pytorch_lora_weights.safetensors"), load_file(root / "b" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in open(root / "b" / "metrics.jsonl")]
