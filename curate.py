@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 import toy
 from common import DataError, append_jsonl, load_image, read_jsonl, read_jsonl_resumable, write_json, write_jsonl
-from reward import EDIT_MODES, GEN_MODES, N_SCORES, build_prompt, parse_score
+from reward import EDIT_MODES, GEN_MODES, IMAGE, N_SCORES, build_prompt, content_parts, parse_score
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -129,6 +129,15 @@ class OracleBackend:
         return plan, {m: ans[m][0] for m in GEN_MODES}
 
 
+def chat_content(images, text):
+    """Chat content for a judge: the images where `text` marks them (the scoring prompts), else first."""
+    if IMAGE not in text:
+        text = IMAGE * len(images) + text
+    if text.count(IMAGE) != len(images):
+        raise ValueError(f"{len(images)} image(s) for {text.count(IMAGE)} {IMAGE} marker(s) in the judge prompt")
+    return content_parts(text)
+
+
 class ChatBackend:
     """A model judge. `chat(images, text)` is provided by the transformers or openai subclass."""
 
@@ -158,7 +167,7 @@ class TransformersBackend(ChatBackend):
             self.model.cuda()
 
     def chat(self, images, text):
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        content = chat_content(images, text)
         prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
         batch = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt").to(self.model.device)
         with self.torch.no_grad():
@@ -174,12 +183,13 @@ class OpenAIBackend(ChatBackend):
         self.timeout, self.retries = timeout, retries
 
     def chat(self, images, text):
-        content = []
-        for im in images:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            content.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
-        content.append({"type": "text", "text": text})
+        content, left = [], iter(images)
+        for part in chat_content(images, text):
+            if part["type"] == "image":
+                buf = io.BytesIO()
+                next(left).save(buf, format="PNG")
+                part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+            content.append(part)
         body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_new_tokens,
                            "messages": [{"role": "user", "content": content}]}).encode()
         for attempt in range(self.retries):
@@ -325,12 +335,12 @@ def sft_records(rows, kind, image_prefix):
         if kind == "edit":
             images = [image_prefix + r["source"], image_prefix + r["edited"]]  # original first, edited second
             for m in EDIT_MODES:
-                prompt = "<image><image>" + build_prompt(m, r["instruction"], r.get("requirement"))
+                prompt = build_prompt(m, r["instruction"], r.get("requirement"))
                 out.append({"id": f"{r['id']}:{m}", "mode": m, "score": r["scores"][m], "images": images,
                             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["answers"][m]}]})
         else:
             for m in GEN_MODES:
-                prompt = "<image>" + build_prompt(m, r["prompt"])
+                prompt = build_prompt(m, r["prompt"])
                 out.append({"id": f"{r['id']}:{m}", "mode": m, "score": r["scores"][m], "images": [image_prefix + r["image"]],
                             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["answers"][m]}]})
     return out
@@ -345,8 +355,8 @@ def vlm_records(rows, kind, image_prefix, seed):
     out = []
     for r in rows:
         rng = random.Random(f"{seed}:vlm:{r['id']}")
-        rec = lambda tag, images, q, a: {"id": f"{r['id']}:{tag}", "mode": "describe", "images": images,
-                                         "messages": [{"role": "user", "content": "<image>" * len(images) + q},
+        rec = lambda tag, images, q, a: {"id": f"{r['id']}:{tag}", "mode": "describe", "images": images,  # images first
+                                         "messages": [{"role": "user", "content": q if IMAGE in q else IMAGE * len(images) + q},
                                                       {"role": "assistant", "content": a}]}
         after = toy.Scene.from_dict(r["toy"]["out_scene"])
         if kind == "edit":
@@ -355,7 +365,7 @@ def vlm_records(rows, kind, image_prefix, seed):
                            f"Image 1: {toy.describe(before)}. Image 2: {toy.describe(after)}."))
             changes = [toy.change_phrase(before, after, c) for c in toy.scene_changes(before, after)]
             out.append(rec("changes", images, "What changed from image 1 to image 2?", "; ".join(changes or ["nothing"]) + "."))
-            out.append(rec("asked", images, f"Instruction: {r['instruction']}\nWhat is asked?",
+            out.append(rec("asked", images, f"Instruction: {r['instruction']}\n{IMAGE * 2}What is asked?",
                            toy.request_summary(before, r["toy"]["edit"]) + "."))
         else:
             images = [image_prefix + r["image"]]

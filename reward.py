@@ -64,10 +64,14 @@ from common import append_jsonl, die, load_image, read_jsonl, read_jsonl_resumab
 # exactly these (train_reward.py reads them from the SFT files written by curate.py); a released
 # checkpoint trained on other templates is scored with --prompt-file (a JSON {mode: template}).
 
+IMAGE = "<image>"  # where an image goes in a user turn (the SFT records' placeholder, LLaMA-Factory style)
+# The images follow the text they are judged against. Measured on the miniature world's 1 M-parameter Qwen3-VL:
+# it learns to restate an edit instruction written before the two images far faster than one written after them
+# (val loss after 700 steps 0.03 vs 0.18; 0.01 with no images at all).
 PROMPTS = {
     "execution": (
         "You judge an image edit. Image 1 is the original, image 2 is the edited result.\n"
-        "Instruction: {instruction}\n{requirement}"
+        "Instruction: {instruction}\n{requirement}<image><image>\n"
         "Rate EXECUTION 1-5: is every requested change present and correct? Ignore unrequested changes and image quality.\n"
         "5 all requested changes correct; 4 all key parts done, one subtle detail missing; 3 main intent done but "
         "important requested parts missing or wrong; 2 barely follows; 1 nothing requested is visible.\n"
@@ -75,7 +79,7 @@ PROMPTS = {
     ),
     "consistency": (
         "You judge an image edit. Image 1 is the original, image 2 is the edited result.\n"
-        "Instruction: {instruction}\n{requirement}"
+        "Instruction: {instruction}\n{requirement}<image><image>\n"
         "Rate CONSISTENCY 1-5: count only changes the instruction did NOT ask for. Ignore occlusion by the edit, "
         "small lighting or quality shifts, and direct consequences of the edit.\n"
         "5 nothing else changed; 4 one significant and/or 1-2 minor unrequested changes; 3 two-three significant "
@@ -83,14 +87,14 @@ PROMPTS = {
         'Explain briefly, then answer as JSON: {"reasoning": "...", "score": [n]}'
     ),
     "instruction": (
-        "You judge a generated image against its prompt.\nPrompt: {prompt}\n{requirement}"
+        "You judge a generated image against its prompt.\nPrompt: {prompt}\n{requirement}<image>\n"
         "Check every subject, attribute, position and the background the prompt asks for, item by item. "
         "Rate INSTRUCTION FOLLOWING 1-5: 5 everything correct; 4 main content right, 1-2 non-critical details off; "
         "3 main subject present but several requirements missing; 2 most subjects missing or wrong; 1 irrelevant image.\n"
         "End with the final rating as \\boxed{n}."
     ),
     "quality": (
-        "You judge the quality of an image, ignoring what it shows.\n"
+        "You judge the quality of an image, ignoring what it shows.\n<image>\n"
         "Rate three things 1-5 (5 best): aesthetics; technical quality (noise, blur, artefacts); structure and texture.\n"
         'Explain briefly, then answer as JSON: {"reasoning": "...", "score": [aesthetics, technical, structure]}'
     ),
@@ -119,16 +123,36 @@ def load_prompts(path=None):
 
 
 def build_prompt(mode, text="", requirement=None, prompts=PROMPTS):
-    """The user turn for one item. `text` is the edit instruction or the generation prompt."""
+    """The user turn for one item, with an IMAGE marker where each image goes (source, then edited).
+
+    `text` is the edit instruction or the generation prompt. A template without markers (e.g. a released
+    checkpoint's, from --prompt-file) gets its images first, as the Qwen chat convention has them.
+    """
     req = f"Requirement: {requirement}\n" if requirement else ""
-    return prompts[mode].replace("{instruction}", text).replace("{prompt}", text).replace("{requirement}", req)
+    turn = prompts[mode].replace("{instruction}", text).replace("{prompt}", text).replace("{requirement}", req)
+    n = len(IMAGE_FIELDS[mode])
+    if IMAGE not in prompts[mode]:
+        turn = IMAGE * n + turn
+    if turn.count(IMAGE) != n:
+        raise ValueError(f"the {mode!r} prompt must mark {n} image(s) with {IMAGE!r}, found {turn.count(IMAGE)}")
+    return turn
 
 
-def critic_messages(mode, n_images, text="", requirement=None, prompts=PROMPTS):
-    """The user turn as chat messages, images first (source, then edited): the same tokens as the SFT records'
-    "<image>" * n + build_prompt(...) (curate.py), so the critic is scored on exactly the input it was trained on."""
-    prompt = {"type": "text", "text": build_prompt(mode, text, requirement, prompts)}
-    return [{"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [prompt]}]
+def content_parts(turn):
+    """A user turn with IMAGE markers -> the chat-template content list [{"type": "text"|"image"}, ...]."""
+    content = []
+    for k, text in enumerate(turn.split(IMAGE)):
+        if k > 0:
+            content.append({"type": "image"})
+        if text:
+            content.append({"type": "text", "text": text})
+    return content
+
+
+def critic_messages(mode, text="", requirement=None, prompts=PROMPTS):
+    """The critic's chat for one item: the same tokens as the SFT records' user turn (curate.py writes
+    build_prompt(...) there), so the critic is scored on exactly the input it was trained on."""
+    return [{"role": "user", "content": content_parts(build_prompt(mode, text, requirement, prompts))}]
 
 
 # -----------------------------------------------------------------------------
@@ -333,7 +357,7 @@ class Critic:
             text = item_text(mode, it)
             if not isinstance(text, str) and mode != "quality":
                 raise ValueError(f"item {i}: field '{'instruction' if mode in EDIT_MODES else 'prompt'}' must be a string")
-            msgs = critic_messages(mode, len(keys), text or "", it.get("requirement"), self.prompts)
+            msgs = critic_messages(mode, text or "", it.get("requirement"), self.prompts)
             chats.append(self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
             images.append([it[k].convert("RGB") for k in keys])
         out = []

@@ -63,7 +63,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from common import (DataError, MetricsLog, cleanup_dist, die, load_image, plot_curves, print0, read_jsonl,
                     read_jsonl_resumable, seed_everything, setup_dist, write_json, write_jsonl)
-from reward import N_SCORES, parse_score
+from reward import IMAGE, N_SCORES, content_parts, parse_score
 
 # Qwen3-VL returns its per-image features as views; FSDP2 warns in case they are modified in place.
 # We read only .logits, out of place.
@@ -171,9 +171,9 @@ def load_records(path, skip_bad=False):
         answer = msgs[1].get("content")
         if not isinstance(answer, str) or not answer.strip():
             report(i, r, "empty assistant answer")
-        n_placeholders = msgs[0]["content"].count("<image>")
+        n_placeholders = msgs[0]["content"].count(IMAGE)
         if n_placeholders != len(r["images"]):
-            report(i, r, f"{n_placeholders} <image> placeholders for {len(r['images'])} images")
+            report(i, r, f"{n_placeholders} {IMAGE} placeholders for {len(r['images'])} images")
         for p in r["images"]:
             if not (path.parent / p).is_file():
                 report(i, r, f"image {str(path.parent / p)!r} not found")
@@ -186,19 +186,11 @@ def load_records(path, skip_bad=False):
     return rows
 
 
-def chat_messages(user_content):
-    """A curate.py user turn "<image><image>prompt" -> the processor's content-list chat.
-
-    reward.py's Critic builds its inference prompt the same way, so the critic is trained on
-    exactly the tokens it will see when it is used as a reward.
-    """
-    parts, content = user_content.split("<image>"), []
-    for k, text in enumerate(parts):
-        if k > 0:
-            content.append({"type": "image"})
-        if text:
-            content.append({"type": "text", "text": text})
-    return [{"role": "user", "content": content}]
+def chat_prompt(processor, user_turn):
+    """A record's user turn ("...<image><image>...", curate.py) -> the chat-template prompt text, generation
+    prompt included. reward.Critic builds the same text at inference, so training and scoring see the same tokens."""
+    return processor.apply_chat_template([{"role": "user", "content": content_parts(user_turn)}],
+                                         add_generation_prompt=True, tokenize=False)
 
 
 def make_labels(input_ids, n_prompt):
@@ -215,7 +207,7 @@ def encode(record, processor, root):
     except DataError as e:
         raise DataError(f"record {record['id']!r}: {e}") from None
     user, answer = record["messages"][0]["content"], record["messages"][1]["content"]
-    prompt = processor.apply_chat_template(chat_messages(user), add_generation_prompt=True, tokenize=False)
+    prompt = chat_prompt(processor, user)
     enc = processor(text=[prompt], images=images or None, return_tensors="pt")
     tok = processor.tokenizer
     answer_ids = torch.tensor(tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"])
@@ -234,17 +226,17 @@ def collate(samples, pad_id):
     B, L = len(samples), max(len(s["input_ids"]) for s in samples)
     batch = {"input_ids": torch.full((B, L), pad_id), "labels": torch.full((B, L), -100),
              "attention_mask": torch.zeros(B, L, dtype=torch.long)}
-    if "mm_token_type_ids" in samples[0]:
-        batch["mm_token_type_ids"] = torch.zeros(B, L, dtype=samples[0]["mm_token_type_ids"].dtype)
+    if any("mm_token_type_ids" in s for s in samples):
+        batch["mm_token_type_ids"] = torch.zeros(B, L, dtype=torch.int32)
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         for k in ("input_ids", "labels", "mm_token_type_ids"):
             if k in s:
                 batch[k][i, :n] = s[k]
         batch["attention_mask"][i, :n] = 1
-    for k in ("pixel_values", "image_grid_thw"):  # images of all samples, in sample order
-        if k in samples[0]:
-            batch[k] = torch.cat([s[k] for s in samples])
+    for k in ("pixel_values", "image_grid_thw"):  # images of all samples, in sample order (text-only ones have none)
+        if any(k in s for s in samples):
+            batch[k] = torch.cat([s[k] for s in samples if k in s])
     return batch
 
 
@@ -430,8 +422,7 @@ def greedy_answers(model, processor, records, root, batch_size, max_new_tokens):
     tok.padding_side, answers = "left", []
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
-        prompts = [processor.apply_chat_template(chat_messages(r["messages"][0]["content"]), add_generation_prompt=True,
-                                                 tokenize=False) for r in chunk]
+        prompts = [chat_prompt(processor, r["messages"][0]["content"]) for r in chunk]
         images = [[load_image(p, root) for p in r["images"]] for r in chunk]
         batch = processor(text=prompts, images=images if any(images) else None, padding=True, return_tensors="pt")
         out = model.generate(**batch.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)

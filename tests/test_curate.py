@@ -21,7 +21,7 @@ def test_cli_writes_every_split_of_the_contract(mini_data):
         assert (mini_data / rel).is_file(), rel
     rec = read_jsonl(mini_data / "sft/edit_train.jsonl", required=("id", "messages", "images", "mode", "score"))[0]
     user, answer = rec["messages"]
-    assert user["content"].startswith("<image><image>") and "Difference report" not in user["content"]
+    assert user["content"].count("<image>") == 2 and "Difference report" not in user["content"]
     assert rec["images"][0].endswith("_src.png") and rec["images"][1].endswith("_out.png")  # original first
     for p in rec["images"]:
         load_image(p, mini_data / "sft")  # relative to the manifest's directory
@@ -51,7 +51,7 @@ def test_vlm_pretraining_records_describe_the_ground_truth_and_hold_out_the_sft_
             changes = toy.scene_changes(before, after)
             assert a == ("; ".join(toy.change_phrase(before, after, c) for c in changes) if changes else "nothing") + "."
         elif q.endswith("What is asked?"):
-            assert q == f"<image><image>Instruction: {cand['instruction']}\nWhat is asked?"
+            assert q == f"Instruction: {cand['instruction']}\n<image><image>What is asked?"
             assert a == toy.request_summary(before, cand["toy"]["edit"]) + "."
     # the same candidates are held out as in the critics' SFT split (no val image is seen in pre-training)
     key = lambda r: r["id"].rsplit(":", 1)[0]
@@ -205,3 +205,36 @@ def test_real_data_path_writes_sft_files_relative_to_their_directory(tmp_path, m
             load_image(p, out / "sft")  # paths relative to the SFT file reach the candidates' images
     # the evaluator saw the difference report; the critic's SFT prompt will not
     assert any("Difference report:\nthe circle is now blue" in c for c in judge.calls)
+
+
+def test_a_model_judge_gets_the_images_where_the_scoring_prompt_marks_them(monkeypatch):
+    from PIL import Image
+    a, b = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    turn = curate.build_prompt("execution", "Make it blue.")
+    parts = curate.chat_content([a, b], turn)
+    kinds = [p["type"] for p in parts]
+    assert kinds.index("image") > 0 and "Make it blue." in parts[0]["text"] and kinds.count("image") == 2
+    assert [p["type"] for p in curate.chat_content([a], "Describe.")] == ["image", "text"]  # unmarked: images first
+    with pytest.raises(ValueError, match="2 image"):
+        curate.chat_content([a, b], "one <image> only")
+    sent = {}
+
+    class Reply:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return json.dumps({"choices": [{"message": {"content": '{"score": [5]}'}}]}).encode()
+
+    def urlopen(req, timeout):
+        sent["body"] = json.loads(req.data)
+        return Reply()
+
+    monkeypatch.setattr(curate.urllib.request, "urlopen", urlopen)
+    assert curate.OpenAIBackend("http://judge/v1", "m", 16).chat([a, b], turn) == '{"score": [5]}'
+    content = sent["body"]["messages"][0]["content"]
+    assert [p["type"] for p in content] == ["text", "image_url", "image_url", "text"]
+    assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")

@@ -127,10 +127,21 @@ def test_critic_messages_match_the_sft_records_exactly(mini_data):
     for kind in ("edit", "gen"):
         for rec in map(json.loads, (mini_data / "sft" / f"{kind}_train.jsonl").read_text().splitlines()[:6]):
             row = curated[rec["id"].rsplit(":", 1)[0]]
-            msgs = reward.critic_messages(rec["mode"], len(rec["images"]), row.get("instruction", row.get("prompt")), row.get("requirement"))
+            msgs = reward.critic_messages(rec["mode"], row.get("instruction", row.get("prompt")), row.get("requirement"))
             parts = msgs[0]["content"]
-            assert [p["type"] for p in parts] == ["image"] * len(rec["images"]) + ["text"]
-            assert "<image>" * len(rec["images"]) + parts[-1]["text"] == rec["messages"][0]["content"]
+            assert [p["type"] for p in parts].count("image") == len(rec["images"])
+            assert "".join(p["text"] if p["type"] == "text" else "<image>" for p in parts) == rec["messages"][0]["content"]
+
+
+def test_prompt_templates_place_the_images_after_the_text_or_first_when_unmarked():
+    turn = reward.build_prompt("execution", "Remove the cat.")
+    assert turn.index("Remove the cat.") < turn.index("<image><image>") < turn.index("Rate EXECUTION")
+    released = dict(reward.PROMPTS, execution="Instruction: {instruction}\nScore it.")  # a template with no markers
+    assert reward.build_prompt("execution", "Remove the cat.", prompts=released) == "<image><image>Instruction: Remove the cat.\nScore it."
+    with pytest.raises(ValueError, match="must mark 1 image"):
+        reward.build_prompt("quality", prompts=dict(reward.PROMPTS, quality="<image><image>Rate it."))
+    assert reward.content_parts("a<image>b<image>") == [{"type": "text", "text": "a"}, {"type": "image"},
+                                                        {"type": "text", "text": "b"}, {"type": "image"}]
 
 
 class StubLM(torch.nn.Module):

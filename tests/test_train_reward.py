@@ -75,7 +75,7 @@ def test_encoded_record_masks_prompt_and_image_tokens_and_keeps_the_inference_pr
     n_prompt = int((s["labels"] == -100).sum())
     assert (s["labels"][:n_prompt] == -100).all() and (s["labels"][n_prompt:] != -100).all()
     # the prompt part is token for token what the critic is given at inference (generation prompt included)
-    prompt = processor.apply_chat_template(tr.chat_messages(rec["messages"][0]["content"]), add_generation_prompt=True, tokenize=False)
+    prompt = tr.chat_prompt(processor, rec["messages"][0]["content"])
     assert prompt.endswith("<|im_start|>assistant\n") and prompt.count("<|vision_start|>") == 2
     images = [load_image(p, mini_data / "sft") for p in rec["images"]]
     at_inference = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"][0]
@@ -85,12 +85,15 @@ def test_encoded_record_masks_prompt_and_image_tokens_and_keeps_the_inference_pr
     assert s["image_grid_thw"].shape == (2, 3)
 
 
-def test_training_chat_is_the_one_the_critic_builds_at_inference():
+def test_training_chat_is_the_one_the_critic_builds_at_inference(tiny):
     from reward import build_prompt, critic_messages
+    _, processor = tiny
     for mode, n, text in [("execution", 2, "Remove the red circle."), ("consistency", 2, "Make the sky blue."),
                           ("instruction", 1, "A green square."), ("quality", 1, "")]:
-        record_turn = "<image>" * n + build_prompt(mode, text)  # what curate.py writes
-        assert tr.chat_messages(record_turn) == critic_messages(mode, n, text)
+        record_turn = build_prompt(mode, text)  # what curate.py writes: the images marked after the text
+        assert record_turn.count("<image>") == n and text in record_turn.split("<image>")[0]
+        inference = processor.apply_chat_template(critic_messages(mode, text), add_generation_prompt=True, tokenize=False)
+        assert tr.chat_prompt(processor, record_turn) == inference
 
 
 def test_right_padding_leaves_each_samples_loss_unchanged(mini_data, tiny):
@@ -105,6 +108,23 @@ def test_right_padding_leaves_each_samples_loss_unchanged(mini_data, tiny):
     with torch.no_grad():
         both, n_both = tr.forward_loss(model, batch)
         one = [tr.forward_loss(model, tr.collate([s], pad)) for s in (a, b)]
+    assert n_both == one[0][1] + one[1][1]
+    assert both.item() == pytest.approx(one[0][0].item() + one[1][0].item(), rel=1e-4)
+
+
+def test_a_text_only_record_batches_with_image_records(mini_data, tiny):
+    model, processor = tiny
+    rec = read_jsonl(mini_data / "sft/edit_train.jsonl")[0]
+    text_only = dict(rec, images=[], messages=[{"role": "user", "content": rec["messages"][0]["content"].replace("<image>", "")},
+                                               rec["messages"][1]])
+    a, b = tr.encode(rec, processor, mini_data / "sft"), tr.encode(text_only, processor, mini_data / "sft")
+    assert "pixel_values" not in b
+    pad = processor.tokenizer.pad_token_id
+    batch = tr.collate([b, a], pad)
+    assert torch.equal(batch["pixel_values"], a["pixel_values"]) and torch.equal(batch["image_grid_thw"], a["image_grid_thw"])
+    with torch.no_grad():
+        both, n_both = tr.forward_loss(model, batch)
+        one = [tr.forward_loss(model, tr.collate([s], pad)) for s in (b, a)]
     assert n_both == one[0][1] + one[1][1]
     assert both.item() == pytest.approx(one[0][0].item() + one[1][0].item(), rel=1e-4)
 
