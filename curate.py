@@ -355,8 +355,8 @@ def vlm_records(rows, kind, image_prefix, seed):
     out = []
     for r in rows:
         rng = random.Random(f"{seed}:vlm:{r['id']}")
-        rec = lambda tag, images, q, a: {"id": f"{r['id']}:{tag}", "mode": "describe", "images": images,  # images first
-                                         "messages": [{"role": "user", "content": q if IMAGE in q else IMAGE * len(images) + q},
+        rec = lambda tag, images, q, a: {"id": f"{r['id']}:{tag}", "mode": "describe", "images": images,  # text, then images
+                                         "messages": [{"role": "user", "content": q if IMAGE in q else q + "\n" + IMAGE * len(images)},
                                                       {"role": "assistant", "content": a}]}
         after = toy.Scene.from_dict(r["toy"]["out_scene"])
         if kind == "edit":
