@@ -46,6 +46,7 @@ import random
 import sys
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -261,20 +262,26 @@ def toy_gen_candidate(split, i, args, rng=None):
     return item, got, degrade
 
 
+def noise_seed(item_id):
+    """The seed of an image's degradation noise: a function of its id only (Python's hash() of a str changes
+    from process to process, which made two runs of the pipeline draw different noise)."""
+    return zlib.crc32(item_id.encode())
+
+
 def write_toy_edit_images(root, item, src, out, degrade, size):
     """Images are written next to the manifest, named by id; existing files are kept (resume)."""
     paths = {"source": f"images/{item['id']}_src.png", "edited": f"images/{item['id']}_out.png"}
     for key, scene, deg in (("source", src, None), ("edited", out, degrade)):
         p = root / paths[key]
         if not p.exists():
-            toy.render(scene, size, deg, seed=hash(item["id"]) % 2**31).save(p)
+            toy.render(scene, size, deg, seed=noise_seed(item["id"])).save(p)
     return dict(item, **paths)
 
 
 def write_toy_gen_image(root, item, got, degrade, size):
     path = f"images/{item['id']}.png"
     if not (root / path).exists():
-        toy.render(got, size, degrade, seed=hash(item["id"]) % 2**31).save(root / path)
+        toy.render(got, size, degrade, seed=noise_seed(item["id"])).save(root / path)
     return dict(item, image=path)
 
 

@@ -241,3 +241,21 @@ def test_a_model_judge_gets_the_images_where_the_scoring_prompt_marks_them(monke
     content = sent["body"]["messages"][0]["content"]
     assert [p["type"] for p in content] == ["text", "image_url", "image_url", "text"]
     assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_world_images_are_the_same_in_every_process(tmp_path):
+    """Degradation noise is seeded from the id, never from hash(), which Python salts per process."""
+    import os
+    import subprocess
+    import sys
+    code = ("import curate, sys, pathlib; a = curate.get_args([]); "
+            "item, src, out, deg = curate.toy_edit_candidate('train', 0, a); deg = dict(deg or {}, noise=3); "
+            "root = pathlib.Path(sys.argv[1]); (root / 'images').mkdir(parents=True); "
+            "curate.write_toy_edit_images(root, item, src, out, deg, 64)")
+    for k in (1, 2):
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(k))], cwd=os.path.dirname(curate.__file__),
+                             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": str(k)})
+        assert run.returncode == 0, run.stderr
+    a, b = (sorted((tmp_path / str(k) / "images").iterdir()) for k in (1, 2))
+    assert [p.name for p in a] == [p.name for p in b] and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    assert curate.noise_seed("edit-train-000007") == 2718243933  # crc32 of the id: the same on every machine
