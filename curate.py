@@ -404,13 +404,14 @@ def write_outputs(args, root, image_dirs=None):
             continue
         image_dir = Path((image_dirs or {}).get(kind, root / kind)).resolve()
         prefix = os.path.relpath(image_dir, (root / "sft").resolve()) + "/"
-        recs = sft_records(read_jsonl(path), kind, prefix)
+        rows = read_jsonl(path)
+        recs = sft_records(rows, kind, prefix)
         train, val = split_val(recs, args.val_share, args.seed)
         write_jsonl(root / "sft" / f"{kind}{suffix}_train.jsonl", train)
         write_jsonl(root / "sft" / f"{kind}{suffix}_val.jsonl", val)
         counts[f"{kind}{suffix}"] = score_histograms(train + val)
-        if suffix == "" and "toy" in read_jsonl(path)[0]:  # the same candidates held out as in the SFT split
-            vlm = split_val(vlm_records(read_jsonl(path), kind, prefix, args.seed), args.val_share, args.seed)
+        if suffix == "" and rows and "toy" in rows[0]:  # the miniature world; the SFT split's val candidates held out
+            vlm = split_val(vlm_records(rows, kind, prefix, args.seed), args.val_share, args.seed)
             vlm_train, vlm_val = vlm_train + vlm[0], vlm_val + vlm[1]
     if vlm_train:
         random.Random(args.seed).shuffle(vlm_train)
