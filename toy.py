@@ -921,10 +921,14 @@ def _clip_tokenizer(texts, vocab_size=400, max_length=32):
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos], show_progress=False,
                                                        initial_alphabet=alphabet, end_of_word_suffix="</w>"))
     model = json.loads(bpe.to_str())["model"]
-    vocab = dict(model["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # the trainer numbers single characters in a per-process random order: renumber them (sorted), so that two runs
+    # build the same tokenizer and hence the same model
+    merged = [a + b for a, b in merges]
+    singles = sorted(set(model["vocab"]) - set(merged) - {bos, eos})
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([bos, eos] + singles + merged))}
     for ch in sorted(alphabet):  # every byte also as a word end, as in CLIP's vocabulary: no <unk> for odd words
         vocab.setdefault(ch + "</w>", len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length), vocab, merges
 
 

@@ -184,3 +184,14 @@ def test_pixel_judges_are_perfect_on_exact_renderings_and_low_on_wrong_ones():
     assert no_op["kept"] == 1.0 and no_op["edited"] < 0.2
     assert toy.pixel_judge_gen(toy.render(src, 32), src)["overall"] == 1.0
     assert toy.pixel_judge_gen(toy.render(Scene("gray"), 32), src)["overall"] < 0.3
+
+
+def test_the_tiny_generators_tokenizer_is_the_same_in_every_process():
+    """tokenizers' BPE trainer numbers single characters in a per-process order; toy renumbers them."""
+    import os
+    import subprocess
+    import sys
+    code = "import toy, json; print(json.dumps(toy._clip_tokenizer(toy.world_prompts(300))[1], sort_keys=True))"
+    outs = [subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(toy.__file__), capture_output=True,
+                           text=True, check=True).stdout for _ in range(3)]
+    assert outs[0] == outs[1] == outs[2]
