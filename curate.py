@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 import toy
 from common import DataError, append_jsonl, load_image, read_jsonl, read_jsonl_resumable, write_json, write_jsonl
-from reward import EDIT_MODES, GEN_MODES, IMAGE, N_SCORES, build_prompt, content_parts, parse_score
+from reward import EDIT_MODES, GEN_MODES, IMAGE, N_SCORES, build_prompt, content_parts, mark_images, parse_score
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -132,11 +132,7 @@ class OracleBackend:
 
 def chat_content(images, text):
     """Chat content for a judge: the images where `text` marks them (the scoring prompts), else first."""
-    if IMAGE not in text:
-        text = IMAGE * len(images) + text
-    if text.count(IMAGE) != len(images):
-        raise ValueError(f"{len(images)} image(s) for {text.count(IMAGE)} {IMAGE} marker(s) in the judge prompt")
-    return content_parts(text)
+    return content_parts(mark_images(text, len(images), "the judge prompt"))
 
 
 class ChatBackend:

@@ -129,12 +129,17 @@ def build_prompt(mode, text="", requirement=None, prompts=PROMPTS):
     checkpoint's, from --prompt-file) gets its images first, as the Qwen chat convention has them.
     """
     req = f"Requirement: {requirement}\n" if requirement else ""
-    turn = prompts[mode].replace("{instruction}", text).replace("{prompt}", text).replace("{requirement}", req)
-    n = len(IMAGE_FIELDS[mode])
-    if IMAGE not in prompts[mode]:
+    template = mark_images(prompts[mode], len(IMAGE_FIELDS[mode]), f"the {mode!r} prompt")
+    turn = template.replace("{instruction}", text).replace("{prompt}", text).replace("{requirement}", req)
+    return mark_images(turn, len(IMAGE_FIELDS[mode]), f"the {mode!r} prompt with its text")
+
+
+def mark_images(turn, n, what="the prompt"):
+    """`turn` with n IMAGE markers: as given, or all first when it has none (the Qwen chat convention)."""
+    if IMAGE not in turn:
         turn = IMAGE * n + turn
     if turn.count(IMAGE) != n:
-        raise ValueError(f"the {mode!r} prompt must mark {n} image(s) with {IMAGE!r}, found {turn.count(IMAGE)}")
+        raise ValueError(f"{what} must mark {n} image(s) with {IMAGE!r}, found {turn.count(IMAGE)}")
     return turn
 
 
