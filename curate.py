@@ -353,8 +353,8 @@ def vlm_records(rows, kind, image_prefix, seed):
     """Seeing before judging (miniature world only): questions about the SFT pool's images answered from the
     ground-truth scenes. A randomly initialised tiny VLM first learns to describe an image and a change here
     (train_reward.py --task vlm), then learns to judge; a real Qwen3-VL base already can.
-    Edit candidates: describe both images; where they differ (background, cells: the plainest comparison);
-    what changed; what the instruction asks (reading the instruction is learned no faster than seeing). Gen candidates: describe; where is / is there."""
+    Edit candidates: describe both images; what changed; what the instruction asks (reading the instruction is
+    learned no faster than seeing). Gen candidates: describe; where is / is there."""
     out = []
     for r in rows:
         rng = random.Random(f"{seed}:vlm:{r['id']}")
@@ -367,8 +367,6 @@ def vlm_records(rows, kind, image_prefix, seed):
             out.append(rec("describe", images, "Describe both images.",
                            f"Image 1: {toy.describe(before)}. Image 2: {toy.describe(after)}."))
             changes = [toy.change_phrase(before, after, c) for c in toy.scene_changes(before, after)]
-            out.append(rec("where-changed", images, "Where do image 1 and image 2 differ?",
-                           "; ".join(toy.changed_places(before, after) or ["nowhere"]) + "."))
             out.append(rec("changes", images, "What changed from image 1 to image 2?", "; ".join(changes or ["nothing"]) + "."))
             out.append(rec("asked", images, f"Instruction: {r['instruction']}\n{IMAGE * 2}What is asked?",
                            toy.request_summary(before, r["toy"]["edit"]) + "."))

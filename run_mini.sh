@@ -29,26 +29,25 @@ side_by_side() {
 }
 # Run a command unless its output marker exists (finished earlier); killed runs resume from checkpoints.
 unless_done() { local marker=$1; shift; if [ -e "$marker" ]; then echo "skip: $marker exists"; else eval "$@"; fi; }
+# Wait (at most 30 min) for a file that the other lane writes.
+wait_for() { local t=0; until [ -e "$1" ]; do sleep 5; t=$((t + 5)); [ $t -lt 1800 ] || { echo "!! gave up waiting for $1"; return 1; }; done; }
 
-stage "1/5 curate the miniature datasets (difference-first edits, plan-then-score generations)"
+stage "1/4 curate the miniature datasets (difference-first edits, plan-then-score generations)"
 unless_done $R/data/summary.json "python curate.py 2>&1 | tee $R/logs/curate.log"
 
+# Each lane runs its steps in order on one core; two lanes run side by side (2-core budget, ~20 min in all).
 critic() { echo "unless_done $R/models/$1/train_reward.json python train_reward.py --preset mini --resume $2"; }
-stage "2/5 teach the tiny Qwen3-VL to see (2 ranks, one per core: the same run as on 1 rank)"
-unless_done $R/models/vlm-base/train_reward.json "torchrun --standalone --nproc_per_node=2 train_reward.py --preset mini --task vlm --resume 2>&1 | tee $R/logs/vlm-base.log"
-
-# Each lane runs its steps in order on one core; two lanes run side by side.
-stage "3/5 train the edit critic | pre-train the generator, train the gen critic, pre-train the editor"
+stage "2/4 teach the tiny Qwen3-VL to see, then train the edit and gen critics | pre-train the tiny policies"
 side_by_side \
-  critics "$(critic edit-critic '--task edit')" \
-  policies "unless_done $R/models/gen-base/model_index.json python toy.py pretrain-gen && $(critic gen-critic '--task gen') && unless_done $R/models/edit-base/model_index.json python toy.py pretrain-edit"
+  critics "$(critic vlm-base '--task vlm') && $(critic edit-critic '--task edit')" \
+  policies "unless_done $R/models/gen-base/model_index.json python toy.py pretrain-gen && wait_for $R/models/vlm-base/train_reward.json && $(critic gen-critic '--task gen') && unless_done $R/models/edit-base/model_index.json python toy.py pretrain-edit"
 
-stage "4/5 DiffusionNFT: gen with QMA, edit with CME + ablations (edit with the 0.5/0.5 sum, Table 5; gen with the exact pixel reward) | bench the critics"
+stage "3/4 DiffusionNFT: gen with QMA, edit with CME + ablations (edit with the 0.5/0.5 sum, Table 5; gen with the exact pixel reward) | bench the critics"
 side_by_side \
   rl-a "unless_done $R/rl_gen/pytorch_lora_weights.safetensors python rl_gen.py --preset mini --resume && unless_done $R/rl_edit_sum55/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --reward sum55 --resume" \
   rl-b "unless_done $R/rl_edit_cme/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --reward cme --resume && unless_done $R/rl_gen_pixel/pytorch_lora_weights.safetensors python rl_gen.py --preset mini --reward pixel --out $R/rl_gen_pixel --resume && python bench.py critics --preset mini"
 
-stage "5/5 evaluate the policies with the independent pixel judge, write the report"
+stage "4/4 evaluate the policies with the independent pixel judge, write the report"
 side_by_side eval-gen "python bench.py policy --preset mini --kind gen" eval-edit "python bench.py policy --preset mini --kind edit"
 python bench.py report --preset mini 2>&1 | tee $R/logs/report.log
 

@@ -292,15 +292,6 @@ def scene_changes(a, b):
     return ch
 
 
-def changed_places(a, b):
-    """Where scene b differs from scene a, as places a judge can point at: "background", then the cells (row by
-    row) whose object appeared, disappeared or changed in any way. The plainest comparison of two images."""
-    at = lambda s: {(o.col, o.row): (o.shape, o.color, o.size, o.dx, o.dy, o.tint) for o in s.objects}
-    x, y = at(a), at(b)
-    cells = sorted((c for c in set(x) | set(y) if x.get(c) != y.get(c)), key=lambda c: (c[1], c[0]))
-    return ["background"] * (a.background != b.background) + [cell_name(*c) for c in cells]
-
-
 def revert(a, b, changes):
     """Scene b with the given changes (from scene_changes(a, b)) undone: what a judge that missed them sees."""
     out = copy.deepcopy(b)
@@ -847,18 +838,11 @@ QWEN_CHAT_TEMPLATE = (
 
 
 def build_tiny_critic(out_dir, texts, image_size=64, hidden=128, layers=4, heads=4, vision_hidden=64,
-                      vision_depth=2, vocab_size=1024, rope_theta=100.0, seed=0):
+                      vision_depth=2, vocab_size=1024, seed=0):
     """A randomly initialised Qwen3-VL critic base: model + locally trained tokenizer + real processor.
 
     The directory opens with AutoModelForImageTextToText / AutoProcessor like Qwen3-VL-8B-Instruct.
     `texts` (prompts and answers of the world) train the byte-level BPE tokenizer.
-    rope_theta: the LLM sees an image token's row and column only through the h and w sections of its
-    multimodal RoPE. With head_dim 32 each section has 5 frequencies, and at Qwen3-VL's usual theta the
-    fastest w frequency turns only 0.32 rad per token across a 4-token-wide image: measured on the miniature
-    world ("Where is the X?", 1000 steps, the same initial weights), theta 10000 named the column 65/200 times
-    (chance) and the row 162/200; theta 100 named the column 172/200 and the row 164/200. From three other
-    initial weights neither theta learned the column in 1000 steps: where things are stays the tiny critic's
-    weak spot (README). Prompts here are < 400 tokens, well inside theta 100's slowest period.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -886,7 +870,7 @@ def build_tiny_critic(out_dir, texts, image_size=64, hidden=128, layers=4, heads
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim,
                          max_position_embeddings=4096, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
                                           "mrope_interleaved": True},
                          bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),

@@ -195,16 +195,3 @@ def test_the_tiny_generators_tokenizer_is_the_same_in_every_process():
     outs = [subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(toy.__file__), capture_output=True,
                            text=True, check=True).stdout for _ in range(3)]
     assert outs[0] == outs[1] == outs[2]
-
-
-def test_changed_places_point_at_the_background_and_the_cells_that_differ():
-    src = two_objects()
-    assert toy.changed_places(src, copy.deepcopy(src)) == []
-    out = toy.apply_edit(src, RECOLOR)  # the red circle at the top left
-    out.background = "gray"
-    out.get(1).tint = 1  # a minor change counts: the place differs
-    assert toy.changed_places(src, out) == ["background", "top left", "bottom right"]
-    moved = toy.apply_edit(src, {"op": "move", "target": 0, "col": 2, "row": 0})
-    assert toy.changed_places(src, moved) == ["top left", "top right"]  # gone from one cell, present in another
-
-
