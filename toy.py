@@ -255,7 +255,7 @@ def request_summary(scene, edit):
         "recolor": lambda: f"{t.name} to {edit.get('color')}",
         "remove": lambda: f"remove {t.name}",
         "move": lambda: f"move {t.name} to {cell_name(edit.get('col', 0), edit.get('row', 0))}",
-        "resize": lambda: f"{t.name} {'bigger' if edit.get('size') == 'large' else 'smaller'}",
+        "resize": lambda: f"{t.name} to {edit.get('size')}",  # the size wanted: "bigger" would not tell 4 from 5
         "replace": lambda: f"{t.name} to {edit.get('color')} {edit.get('shape')}",
     }[op]()
 
@@ -328,8 +328,8 @@ def change_phrase(a, b, c):
         return f"{who} recolored {c['to']}"
     if k == "shape":
         return f"{who} became a {c['to']}"
-    if k == "size":
-        return f"{who} {'enlarged' if list(SIZES).index(c['to']) > list(SIZES).index(c['from']) else 'shrunk'}"
+    if k == "size":  # both sizes: "enlarged" alone would not tell a medium from a large result (score 4 vs 5)
+        return f"{who} {c['from']} to {c['to']}"
     if k == "moved":
         return f"{who} moved to {c['to']}"
     if k == "nudged":

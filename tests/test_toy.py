@@ -1,6 +1,7 @@
 """The miniature world: rubric-to-score mapping on hand-built scenes, and oracle texts that parse back."""
 
 import copy
+import json
 import random
 
 import toy
@@ -195,3 +196,16 @@ def test_the_tiny_generators_tokenizer_is_the_same_in_every_process():
     outs = [subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(toy.__file__), capture_output=True,
                            text=True, check=True).stdout for _ in range(3)]
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_the_execution_reasoning_determines_the_score():
+    """A critic can only learn a score its reasoning text determines: with a noiseless teacher, equal reasoning
+    (everything before the verdict) must never come with different scores."""
+    rng, judge, seen = random.Random(3), toy.OracleJudge(noise=0.0), {}
+    for i in range(3000):
+        src = toy.random_scene(rng)
+        edit = toy.random_edit(rng, src)
+        out, _ = toy.simulate_editor(rng, src, edit, rng.choice(toy.EDITORS))
+        text, score = judge.judge_edit(str(i), src, out, edit)["execution"]
+        reasoning = json.loads(text)["reasoning"].rsplit(" Execution ", 1)[0]
+        assert seen.setdefault(reasoning, score) == score, reasoning
