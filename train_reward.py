@@ -79,12 +79,14 @@ PRESETS = {
     # 16 for the same progress at about the same cost per sample (a random-init model is far below its critical
     # batch size). The micro-batch is the global batch split over the ranks (no accumulation). Epochs per task:
     # the edit critic, which must compare two images, gets four (validation execution MAE 1.83 at 1 epoch, 1.63
-    # at 2, 1.29 at 4 against 1.43 for the constant; its consistency MAE 0.59 against 1.02).
+    # at 2, 1.29 at 4 against 1.43 for the constant; its consistency MAE 0.59 against 1.02). The gen critic gets
+    # two: one epoch gave bench MAE 1.17 from one seeing-stage base and 1.60 (worse than the constant's 1.41) from
+    # another; two epochs from the second gave 1.13 (three: the same as two on validation).
     "mini": dict(model=None, data_dir="runs/mini/data/sft", out_root="runs/mini/models",
                  lr=1e-3, warmup_ratio=0.05, epochs=None, max_steps=None, global_batch=4, micro_batch=None,
                  weight_decay=0.0, eval_every=500, save_every=500, val_generate=100, threads=1),
 }
-MINI_EPOCHS = {"vlm": 1.0, "edit": 4.0, "gen": 1.0}
+MINI_EPOCHS = {"vlm": 1.0, "edit": 4.0, "gen": 2.0}
 
 
 def get_args(argv=None):
