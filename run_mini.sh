@@ -35,7 +35,7 @@ wait_for() { local t=0; until [ -e "$1" ]; do sleep 5; t=$((t + 5)); [ $t -lt 18
 stage "1/4 curate the miniature datasets (difference-first edits, plan-then-score generations)"
 unless_done $R/data/summary.json "python curate.py 2>&1 | tee $R/logs/curate.log"
 
-# Each lane runs its steps in order on one core; two lanes run side by side (2-core budget, ~20 min in all).
+# Each lane runs its steps in order on one core; two lanes run side by side (2-core budget, ~25 min in all).
 critic() { echo "unless_done $R/models/$1/train_reward.json python train_reward.py --preset mini --resume $2"; }
 stage "2/4 teach the tiny Qwen3-VL to see, then train the edit and gen critics | pre-train the tiny policies"
 side_by_side \
