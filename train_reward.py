@@ -78,8 +78,8 @@ PRESETS = {
     # on one CPU core. Measured: lr 1e-3 beats 2e-3 and 3e-3; a global batch of 4 needs ~2.5x fewer samples than
     # 16 for the same progress at about the same cost per sample (a random-init model is far below its critical
     # batch size). The micro-batch is the global batch split over the ranks (no accumulation). Epochs per task:
-    # the edit critic, which must compare two images, gets four (validation execution MAE 1.83 at 1 epoch, 1.63
-    # at 2, 1.29 at 4 against 1.43 for the constant; its consistency MAE 0.59 against 1.02). The gen critic gets
+    # the edit critic, which must compare two images, gets four (validation execution MAE 1.83 at 1 epoch and 1.63
+    # at 2 on older data; 1.29 at 4 against 1.43 for the constant; its consistency MAE 0.59 against 1.02). The gen critic gets
     # two: one epoch gave bench MAE 1.17 from one seeing-stage base and 1.60 (worse than the constant's 1.41) from
     # another; two epochs from the second gave 1.13 (three: the same as two on validation).
     "mini": dict(model=None, data_dir="runs/mini/data/sft", out_root="runs/mini/models",
