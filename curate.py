@@ -80,6 +80,8 @@ def get_args(argv=None):
     ap.add_argument("--rl-test", type=int, default=32, help="held-out RL prompts for policy evaluation")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--edit-ops", default=",".join(toy.EDIT_OPS), help="comma-separated edit operations of the world")
+    ap.add_argument("--critic-vision-steps", type=int, default=2000,
+                    help="steps pre-training the tiny critic's vision tower on the world (toy.pretrain_vision)")
     # curation settings
     ap.add_argument("--balance-share", type=float, default=0.1, help="share of edit instructions rewritten to not match (Sec 3.1)")
     ap.add_argument("--val-share", type=float, default=0.05, help="share of SFT records held out for eval loss")
@@ -497,8 +499,9 @@ def build_critic_base(root, args):
     texts = []
     for f in sorted((root / "sft").glob("*.jsonl")):
         texts += [m["content"] for r in read_jsonl(f) for m in r["messages"]]
-    n = toy.build_tiny_critic(out, texts, image_size=args.size, seed=args.seed)
-    print(f"built tiny critic base ({n / 1e6:.2f} M params, Qwen3VLForConditionalGeneration) at {out}")
+    n = toy.build_tiny_critic(out, texts, image_size=args.size, vision_steps=args.critic_vision_steps, seed=args.seed)
+    print(f"built tiny critic base ({n / 1e6:.2f} M params, Qwen3VLForConditionalGeneration, vision tower pre-trained "
+          f"{args.critic_vision_steps} steps) at {out}")
     return out
 
 

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # small sizes: the whole fixture takes a few seconds
 SMALL = ["--edit-train", "120", "--gen-train", "80", "--bench-exec", "30", "--bench-cons", "24", "--bench-gen", "24",
-         "--rl-train", "8", "--rl-test", "4"]
+         "--rl-train", "8", "--rl-test", "4", "--critic-vision-steps", "5"]
 
 
 @pytest.fixture(scope="session")
