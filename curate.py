@@ -14,14 +14,15 @@ Generation pipeline, per (image, prompt) candidate:
 The critic SFT files keep the judge's answer as the target but use the plain scoring prompt
 WITHOUT the report or plan (Sec 4.1), so the critic learns to judge directly. In the miniature world
 curate.py also writes sft/vlm_{train,val}.jsonl: questions about the same images answered from the
-ground truth (describe, what changed, what is asked), on which the randomly initialised tiny critic
-base first learns to see (train_reward.py --task vlm); a real Qwen3-VL base needs no such step.
+ground truth (describe, what changed, what is asked), on which the tiny critic base (random language
+model, vision tower pre-trained on the world's scenes: --critic-vision-steps) first learns to see
+(train_reward.py --task vlm); a real Qwen3-VL base needs no such step.
 
 Judges (--judge): "oracle" (the miniature world's, knows the scenes; default), "transformers"
 (any local image-text-to-text model, e.g. Qwen3-VL-8B-Instruct: --judge-model DIR) and "openai"
 (any OpenAI-compatible chat endpoint, e.g. a vLLM server: --judge-url URL --judge-model NAME).
 
-    python curate.py                                   # miniature world -> runs/mini/data (< 2 min)
+    python curate.py                                   # miniature world -> runs/mini/data (~3 min, most of it pre-training the critic's vision tower)
     python curate.py --judge transformers --judge-model /ckpt/Qwen3-VL-8B-Instruct \\
         --edit-candidates my_edits.jsonl --gen-candidates my_gens.jsonl --out data/
 

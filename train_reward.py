@@ -20,8 +20,10 @@ batch 10 x 2 accumulation x 8 GPUs = global batch 160, LLaMA-Factory's grad clip
 decay). Preset "mini" changes only what must differ for a randomly initialised 1 M-parameter critic
 on one CPU core; every value it sets is printed at start and listed in PRESETS below. A random-init
 critic trained on judging alone learns the label prior and invents what it "sees"; so in the miniature
-world the same script first trains the base on questions about the images (--task vlm: describe, what
-changed, what is asked; written by curate.py), and the critics start from that.
+world the base arrives with a vision tower pre-trained on the world (toy.pretrain_vision, run by
+curate.py, as a real Qwen3-VL's vision encoder arrives pre-trained), the same script then trains it on
+questions about the images (--task vlm: describe, what changed, what is asked; written by curate.py),
+and the critics start from that.
 
 Output (--out): a model directory that AutoModelForImageTextToText / AutoProcessor open directly
 (safetensors, in the base model's dtype), train_reward.json (args, step, data, eval loss, val MAE),
@@ -73,8 +75,9 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 # CLI. A preset sets defaults; any flag given explicitly still wins.
 
 PRESETS = {
-    # The miniature world: a randomly initialised 1 M-parameter Qwen3-VL (built by curate.py) first learns to
-    # describe the world's images (--task vlm), then to judge from the reasoning in its targets. One epoch each
+    # The miniature world: a 1 M-parameter Qwen3-VL (built by curate.py: random language model, vision tower
+    # pre-trained on the world) first learns to describe the world's images (--task vlm), then to judge from
+    # the reasoning in its targets. One epoch each
     # on one CPU core. Measured: lr 1e-3 beats 2e-3 and 3e-3; a global batch of 4 needs ~2.5x fewer samples than
     # 16 for the same progress at about the same cost per sample (a random-init model is far below its critical
     # batch size). The micro-batch is the global batch split over the ranks (no accumulation). Epochs per task:
