@@ -22,7 +22,7 @@ Judges (--judge): "oracle" (the miniature world's, knows the scenes; default), "
 (any local image-text-to-text model, e.g. Qwen3-VL-8B-Instruct: --judge-model DIR) and "openai"
 (any OpenAI-compatible chat endpoint, e.g. a vLLM server: --judge-url URL --judge-model NAME).
 
-    python curate.py                                   # miniature world -> runs/mini/data (~3 min, most of it pre-training the critic's vision tower)
+    python curate.py                                   # miniature world -> runs/mini/data (~3 min, most of it the critic's vision tower)
     python curate.py --judge transformers --judge-model /ckpt/Qwen3-VL-8B-Instruct \\
         --edit-candidates my_edits.jsonl --gen-candidates my_gens.jsonl --out data/
 
