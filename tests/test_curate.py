@@ -10,7 +10,7 @@ import toy
 from common import DataError, load_image, read_jsonl, read_jsonl_resumable
 
 SMALL = ["--edit-train", "60", "--gen-train", "40", "--bench-exec", "10", "--bench-cons", "10", "--bench-gen", "10",
-         "--rl-train", "4", "--rl-test", "2"]
+         "--rl-train", "4", "--rl-test", "2", "--critic-vision-steps", "2"]
 
 
 def test_cli_writes_every_split_of_the_contract(mini_data):
