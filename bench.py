@@ -65,7 +65,7 @@ from common import (DataError, append_jsonl, cleanup_dist, die, image_grid, load
 SPLIT_MODE = {"execution": "execution", "consistency": "consistency", "gen": "instruction"}
 M = "runs/mini"
 PRESETS = {"mini": {  # the miniature world: what curate.py, train_reward.py, toy.py and the RL scripts write
-    "critics": dict(bench_dir=f"{M}/data/bench", out=f"{M}/bench", sft_dir=f"{M}/data/sft", max_new_tokens=160,
+    "critics": dict(bench_dir=f"{M}/data/bench", out=f"{M}/bench", sft_dir=f"{M}/data/sft", max_new_tokens=192,
                     critic=[f"edit-critic={M}/models/edit-critic@edit", f"gen-critic={M}/models/gen-critic@gen",
                             f"edit-critic-direct={M}/models/edit-critic-direct@edit",
                             f"gen-critic-direct={M}/models/gen-critic-direct@gen",
@@ -677,7 +677,7 @@ def get_args(argv=None):
     c.add_argument("--sft-dir", default=None, help="SFT files whose mean score the 'constant' baseline predicts")
     c.add_argument("--method", default="generate", choices=["generate", "expected"], help="critic scoring method")
     c.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")
-    c.add_argument("--max-new-tokens", type=int, default=None, help="tokens per critic answer (default 256; mini 160)")
+    c.add_argument("--max-new-tokens", type=int, default=None, help="tokens per critic answer (default 256; mini 192)")
     c.add_argument("--batch-size", type=int, default=16, help="items per critic batch")
     c.add_argument("--out", default=None, help="output directory (critics.md, critics.json, confusion_*.png, preds/)")
     # policy: models and prompts

@@ -33,8 +33,9 @@ Departures from the paper:
      world) or by taking another record's instruction (real data), not by asking an LLM.
   3. `--ablation-direct` also writes SFT files judged WITHOUT report/plan (the paper's argument,
      testable here: does the curated critic beat one trained on directly judged labels?).
-  4. The miniature oracle's edit answers start with the list of changes it sees ("Changes: ...") before
-     judging them: a 1 M-parameter critic learns to look before it learns to judge.
+  4. The miniature oracle's edit answers first describe both images, then list the changes it sees
+     ("Image 1: ... Image 2: ... Changes: ..."), then judge them: a 1 M-parameter critic learns to look
+     before it learns to judge, and describes one image far more reliably than it compares two.
 """
 
 import argparse

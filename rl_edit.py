@@ -518,7 +518,7 @@ PRESETS = {
                  test_prompts="runs/mini/data/rl/edit_test.jsonl", reward_model="runs/mini/models/edit-critic",
                  out_root="runs/mini", steps=30, prompts_per_step=4, group_size=8, micro_batch=32,
                  timestep_fraction=0.34, lora_rank=16, lora_alpha=32, lr=1e-3, eval_every=10, save_every=10,
-                 eval_prompts=32, max_new_tokens=128, reward_batch=32, threads=1),
+                 eval_prompts=32, max_new_tokens=192, reward_batch=32, threads=1),
 }
 
 

@@ -112,7 +112,9 @@ def random_scene(rng, n_objects=None):
 
 
 def describe(scene):
-    parts = [f"a {o.size} {o.color} {o.shape} at the {cell_name(o.col, o.row)}" for o in scene.objects]
+    """Every attribute that scene_changes compares, in words: two scenes with equal descriptions have no change."""
+    parts = [f"a {o.size} {'dark ' if o.tint else ''}{o.color} {o.shape} {'near' if (o.dx, o.dy) != (0, 0) else 'at'} "
+             f"the {cell_name(o.col, o.row)}" for o in scene.objects]
     return (" and ".join(parts) or "nothing") + f" on a {scene.background} background"
 
 
@@ -723,8 +725,11 @@ class OracleJudge:
         relevant = [change_phrase(src, seen, c) for c in scene_changes(src, seen) if (c["id"], c["kind"]) in requested_kinds(edit)
                     or c["kind"] in ("added", "removed")]
         seen_txt = "; ".join(relevant) if relevant else "no requested change visible"
-        # both answers first say what changed (as the judge sees it), then judge it: the critic learns to look first
-        changed = "Changes: " + ("; ".join(change_phrase(src, seen, c) for c in scene_changes(src, seen)) or "nothing") + "."
+        # Both answers first describe the two images, then say what changed (as the judge sees it), then judge it:
+        # the critic learns to look first. A tiny critic describes each image far more reliably than it compares
+        # two images directly, and the change list can then be read off its own two descriptions.
+        changed = (f"Image 1: {describe(src)}. Image 2: {describe(seen)}. Changes: "
+                   + ("; ".join(change_phrase(src, seen, c) for c in scene_changes(src, seen)) or "nothing") + ".")
         ex_reason = f"{changed} Asked: {request_summary(src, edit)}. Seen: {seen_txt}. Execution {VERDICT[ex]}."
         un = unintended_changes(src, seen, edit)
         sig = sum(c["significant"] for c in un)

@@ -11,6 +11,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_configure(config):
+    # train_reward.py and rl_edit.py silence this FSDP2 warning at import (they read .logits out of place), but
+    # pytest restores the warning filters after collecting each module, so the tests say it again here.
+    config.addinivalue_line("filterwarnings", "ignore:FSDP2-wrapped module .* returned a view tensor")
+
+
 # small sizes: the whole fixture takes a few seconds
 SMALL = ["--edit-train", "120", "--gen-train", "80", "--bench-exec", "30", "--bench-cons", "24", "--bench-gen", "24",
          "--rl-train", "8", "--rl-test", "4", "--critic-vision-steps", "5"]

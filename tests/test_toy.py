@@ -207,8 +207,25 @@ def test_the_execution_reasoning_determines_the_score():
         edit = toy.random_edit(rng, src)
         out, _ = toy.simulate_editor(rng, src, edit, rng.choice(toy.EDITORS))
         text, score = judge.judge_edit(str(i), src, out, edit)["execution"]
-        reasoning = json.loads(text)["reasoning"].rsplit(" Execution ", 1)[0]
+        reasoning = json.loads(text)["reasoning"]  # from the change list on: the descriptions before it add detail
+        reasoning = reasoning[reasoning.index("Changes: "):].rsplit(" Execution ", 1)[0]
         assert seen.setdefault(reasoning, score) == score, reasoning
+
+
+def test_the_two_descriptions_determine_the_change_list():
+    """The edit answers describe both images, then list the changes: a critic can read the list off its own two
+    descriptions only if equal descriptions never come with different changes (tints and nudges included)."""
+    rng, judge, seen = random.Random(4), toy.OracleJudge(noise=0.0), {}
+    for i in range(3000):
+        src = toy.random_scene(rng)
+        edit = toy.random_edit(rng, src)
+        out, _ = toy.simulate_editor(rng, src, edit, rng.choice(toy.EDITORS))
+        reasoning = json.loads(judge.judge_edit(str(i), src, out, edit)["consistency"][0])["reasoning"]
+        looked, changes = reasoning.split(" Changes: ")
+        assert looked == f"Image 1: {toy.describe(src)}. Image 2: {toy.describe(out)}."
+        assert seen.setdefault(looked, changes.split(". Unrequested")[0]) == changes.split(". Unrequested")[0], looked
+        if toy.describe(src) == toy.describe(out):
+            assert changes.startswith("nothing.")
 
 
 def test_dense_labels_name_what_each_image_token_shows():
