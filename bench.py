@@ -635,7 +635,7 @@ def run_report(args):
         series = lambda k: [(r.get("step", i), r[k]) for i, r in enumerate(rows_all)
                             if isinstance(r.get(k), (int, float))]
         keys = sorted({k for r in rows_all for k in r if any(w in k for w in ("reward", "judge", "pixel"))
-                       and not k.endswith("_std") and series(k)})
+                       and not k.endswith("_std") and not k.startswith("t_") and series(k)})  # t_reward: seconds
         png = root / "report" / f"{d.name}_reward.png"
         plot_curves(png, {k: series(k) for k in keys}, title=f"{d.name}: reward and held-out judge")
         vals = [y for _, y in series("reward")]
