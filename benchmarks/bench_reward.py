@@ -35,7 +35,7 @@ def get_args(argv=None):
     ap.add_argument("--mae-n", type=int, default=0, help="bench items for the MAE part (0 = the whole split)")
     # settings
     ap.add_argument("--batch-size", type=int, default=16, help="critic batch (and the server's max batch)")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated answer")
+    ap.add_argument("--max-new-tokens", type=int, default=192, help="tokens per generated answer (the tiny edit critic writes up to ~140)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients of the server")
     ap.add_argument("--client-batch", type=int, default=4, help="items per client request")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
