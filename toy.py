@@ -112,7 +112,8 @@ def random_scene(rng, n_objects=None):
 
 
 def describe(scene):
-    """Every attribute that scene_changes compares, in words: two scenes with equal descriptions have no change."""
+    """Every attribute that scene_changes compares, in words (a small shift as "near" its cell): a source of the
+    world (objects at their cell centres) and its edit with equal descriptions have no change."""
     parts = [f"a {o.size} {'dark ' if o.tint else ''}{o.color} {o.shape} {'near' if (o.dx, o.dy) != (0, 0) else 'at'} "
              f"the {cell_name(o.col, o.row)}" for o in scene.objects]
     return (" and ".join(parts) or "nothing") + f" on a {scene.background} background"
