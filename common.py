@@ -31,7 +31,7 @@ def setup_dist():
     collectives run exactly as they do on many GPUs: the tested path is the real path.
     """
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = process_group_backend(torch.cuda.is_available())
         timeout = datetime.timedelta(minutes=30)
         if "RANK" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
@@ -45,6 +45,17 @@ def setup_dist():
     else:
         device = torch.device("cpu")
     return rank, world, device
+
+
+def process_group_backend(cuda):
+    """NCCL for GPU tensors and gloo for CPU ones: NCCL has no CPU backend, and a collective on a CPU
+    tensor under NCCL alone fails ("No backend type associated with device type cpu"), even in a world of one."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def every(step, interval):
+    """True when `step` (1-based, steps done) is a multiple of `interval`; an interval of 0 (or None) means never."""
+    return bool(interval) and step % interval == 0
 
 
 def cleanup_dist():

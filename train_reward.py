@@ -63,7 +63,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from common import (DataError, MetricsLog, cleanup_dist, die, load_image, plot_curves, print0, read_jsonl,
+from common import (DataError, MetricsLog, cleanup_dist, die, every, load_image, plot_curves, print0, read_jsonl,
                     read_jsonl_resumable, seed_everything, setup_dist, write_json, write_jsonl)
 from reward import IMAGE, N_SCORES, content_parts, parse_score
 
@@ -122,11 +122,11 @@ def get_args(argv=None):
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder activations in backward (saves memory)")
     ap.add_argument("--seed", type=int, default=42, help="data order and init seed")
     # evaluation, logging, checkpoints
-    ap.add_argument("--eval-every", type=int, default=500, help="steps between held-out eval losses")
+    ap.add_argument("--eval-every", type=int, default=500, help="steps between held-out eval losses, and after the last (0 = after the last only)")
     ap.add_argument("--eval-batch", type=int, default=16, help="samples per eval forward pass on one rank")
     ap.add_argument("--val-generate", type=int, default=64, help="val records greedily decoded at the end for MAE / parse failures (0 = skip)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="tokens per decoded val answer")
-    ap.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (--out/checkpoint)")
+    ap.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (--out/checkpoint; 0 = never: the final model only)")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint if it exists")
     ap.add_argument("--stop-after", type=int, default=None, help="testing: exit after this many steps as if killed (no final save)")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
@@ -363,6 +363,11 @@ def save_model(model, processor, out, save_dtype, rank):
         tmp = Path(str(out) + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        # save_pretrained records the dtype of the (fp32 master) parameters; the weights on disk are save_dtype, and
+        # from_pretrained / vLLM with dtype "auto" read this field: an 8B critic would otherwise load in fp32 (33 GB)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["dtype"] = str(save_dtype).removeprefix("torch.")
+        write_json(tmp / "config.json", cfg)
         processor.save_pretrained(tmp)
         for f in tmp.iterdir():  # move file by file: --out also holds logs and the checkpoint
             os.replace(f, Path(out) / f.name)
@@ -409,14 +414,14 @@ def eval_loss(model, data, pad_id, args, rank, world, device):
     """Mean answer-token loss over the val set. Every rank runs the same number of forwards (FSDP)."""
     model.eval()
     n, per_round = len(data), world * args.eval_batch
-    total, count = torch.zeros(2, dtype=torch.float64), 0
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, answer tokens) on the device: NCCL
     for start in range(0, n, per_round):
         idx = list(range(start + rank * args.eval_batch, min(start + (rank + 1) * args.eval_batch, n)))
         batch = collate([data[i] for i in (idx or [0])], pad_id)  # an idle rank still joins the forward
         loss, k = forward_loss(model, {k: v.to(device) for k, v in batch.items()})
         if idx:
-            total += torch.tensor([loss.item(), k], dtype=torch.float64)
-    dist.all_reduce(total)
+            total += torch.tensor([loss.item(), k], dtype=torch.float64, device=device)
+    dist.all_reduce(total)  # sync point: the val loss is a mean over every rank's answer tokens
     model.train()
     return (total[0] / total[1]).item()
 
@@ -454,7 +459,7 @@ def val_mae(model_dir, records, root, train_records, args):
         m, truth = r["mode"], (r["score"] if isinstance(r["score"], list) else [r["score"]])
         res = result[m]
         res["n"] += 1
-        parsed = parse_score(text, N_SCORES.get(m, len(truth)))
+        parsed = parse_score(text, N_SCORES.get(m, len(truth)), m)
         if not parsed.ok:
             res["parse_failures"] += 1
             continue
@@ -556,14 +561,14 @@ def main(args):
             g["lr"] = lr
         micro = [next(batches) for _ in range(accum)]
         # the loss is a mean over the answer tokens of the WHOLE global batch (all ranks, all micro-batches)
-        n_tok = torch.tensor(float(sum(int(answer_positions(b["labels"]).sum()) for b in micro)))
-        dist.all_reduce(n_tok)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        n_tok = torch.tensor(float(sum(int(answer_positions(b["labels"]).sum()) for b in micro)), device=device)
+        dist.all_reduce(n_tok)  # sync point: every rank normalises by the global answer-token count
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for b in micro:
             loss, _ = forward_loss(model, {k: v.to(device) for k, v in b.items()})
             # FSDP averages gradients over ranks, so scale by world to get d(sum / n_tok)
-            (loss * world / n_tok.to(device)).backward()
-            loss_sum += loss.detach().double().cpu()
+            (loss * world / n_tok).backward()
+            loss_sum += loss.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         opt.step()
@@ -573,12 +578,12 @@ def main(args):
         done = step + 1
         metrics = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                    "samples_per_s": round(args.global_batch * (done - start) / (time.time() - t0), 2)}
-        if val_set is not None and (done % args.eval_every == 0 or done == total):
+        if val_set is not None and (every(done, args.eval_every) or done == total):
             last_val = metrics["val_loss"] = eval_loss(model, val_set, pad_id, args, rank, world, device)
             val_losses.append((done, last_val))
         log.log(done, **metrics)
         losses.append((done, train_loss))
-        if done % args.save_every == 0 and done < total:
+        if every(done, args.save_every) and done < total:
             save_checkpoint(model, opt, processor, out, done, state, save_dtype, rank)
             if rank == 0:
                 plot_curves(out / "loss.png", {"train loss": losses, "val loss": val_losses}, title=f"critic SFT: {out.name}")
