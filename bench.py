@@ -317,10 +317,10 @@ def make_scorer(spec, args, device):
             return scorer.score(mode, pil, method=args.method, samples=args.samples)
         return predict
 
-    def judged(text):
-        p = reward.parse_score(text)
+    def judged(text, mode):
+        p = reward.parse_score(text, reward.N_SCORES[mode], mode)
         return reward.Judgement(p.scores, text, p.ok, p.error, p.how)
-    return lambda mode, items: [None if t is None else judged(t) for t in (answer(mode, it) for it in items)]
+    return lambda mode, items: [None if t is None else judged(t, mode) for t in (answer(mode, it) for it in items)]
 
 
 # -----------------------------------------------------------------------------
@@ -677,7 +677,8 @@ def get_args(argv=None):
     c.add_argument("--sft-dir", default=None, help="SFT files whose mean score the 'constant' baseline predicts")
     c.add_argument("--method", default="generate", choices=["generate", "expected"], help="critic scoring method")
     c.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")
-    c.add_argument("--max-new-tokens", type=int, default=None, help="tokens per critic answer (default 256; mini 192)")
+    c.add_argument("--max-new-tokens", type=int, default=None, help="tokens per critic answer (default: reward.MAX_NEW_TOKENS, "
+                   "the release's 256 edit / 8192 gen; mini 192)")
     c.add_argument("--batch-size", type=int, default=16, help="items per critic batch")
     c.add_argument("--out", default=None, help="output directory (critics.md, critics.json, confusion_*.png, preds/)")
     # policy: models and prompts
@@ -702,7 +703,6 @@ def get_args(argv=None):
         if getattr(args, k) is None:  # the preset fills what the user did not give
             setattr(args, k, v)
     if args.cmd == "critics":
-        args.max_new_tokens = args.max_new_tokens or 256
         if not (args.bench_dir and args.out and args.critic):
             ap.error("critics needs --bench-dir, --out and --critic (or --preset mini)")
     if args.cmd == "policy":

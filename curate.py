@@ -308,7 +308,7 @@ class Curator:
                 return False
             self.attach_images(kind, item)
             context, answers = getattr(self.backend, kind)(item, direct=direct)
-            parsed = {m: parse_score(answers[m], N_SCORES[m]) for m in modes}
+            parsed = {m: parse_score(answers[m], N_SCORES[m], m) for m in modes}
             bad = [m for m in modes if not parsed[m].ok]
             row = {k: v for k, v in item.items() if not k.startswith("_")}
             self.stats["judged"] += 1

@@ -63,6 +63,8 @@ from common import append_jsonl, die, load_image, read_jsonl, read_jsonl_resumab
 # scoring prompts (our wording of the rubrics in FIRM_NOTES section 2). The critic is trained on
 # exactly these (train_reward.py reads them from the SFT files written by curate.py); a released
 # checkpoint trained on other templates is scored with --prompt-file (a JSON {mode: template}).
+# Templates are str.format templates, as the release's are: fields {instruction} / {prompt} / {requirement},
+# literal braces written {{ }}, so the release's own templates can be used unchanged.
 
 IMAGE = "<image>"  # where an image goes in a user turn (the SFT records' placeholder, LLaMA-Factory style)
 # The images follow the text they are judged against. Measured on the miniature world's 1 M-parameter Qwen3-VL:
@@ -75,7 +77,7 @@ PROMPTS = {
         "Rate EXECUTION 1-5: is every requested change present and correct? Ignore unrequested changes and image quality.\n"
         "5 all requested changes correct; 4 all key parts done, one subtle detail missing; 3 main intent done but "
         "important requested parts missing or wrong; 2 barely follows; 1 nothing requested is visible.\n"
-        'Explain briefly, then answer as JSON: {"reasoning": "...", "score": [n]}'
+        'Explain briefly, then answer as JSON: {{"reasoning": "...", "score": [n]}}'
     ),
     "consistency": (
         "You judge an image edit. Image 1 is the original, image 2 is the edited result.\n"
@@ -84,19 +86,19 @@ PROMPTS = {
         "small lighting or quality shifts, and direct consequences of the edit.\n"
         "5 nothing else changed; 4 one significant and/or 1-2 minor unrequested changes; 3 two-three significant "
         "and/or 3-4 minor; 2 four or more significant and/or 5+ minor; 1 an almost entirely different image.\n"
-        'Explain briefly, then answer as JSON: {"reasoning": "...", "score": [n]}'
+        'Explain briefly, then answer as JSON: {{"reasoning": "...", "score": [n]}}'
     ),
     "instruction": (
         "You judge a generated image against its prompt.\nPrompt: {prompt}\n{requirement}<image>\n"
         "Check every subject, attribute, position and the background the prompt asks for, item by item. "
         "Rate INSTRUCTION FOLLOWING 1-5: 5 everything correct; 4 main content right, 1-2 non-critical details off; "
         "3 main subject present but several requirements missing; 2 most subjects missing or wrong; 1 irrelevant image.\n"
-        "End with the final rating as \\boxed{n}."
+        "End with the final rating as \\boxed{{n}}."
     ),
     "quality": (
         "You judge the quality of an image, ignoring what it shows.\n<image>\n"
         "Rate three things 1-5 (5 best): aesthetics; technical quality (noise, blur, artefacts); structure and texture.\n"
-        'Explain briefly, then answer as JSON: {"reasoning": "...", "score": [aesthetics, technical, structure]}'
+        'Explain briefly, then answer as JSON: {{"reasoning": "...", "score": [aesthetics, technical, structure]}}'
     ),
 }
 N_SCORES = {"execution": 1, "consistency": 1, "instruction": 1, "quality": 3}
@@ -109,6 +111,11 @@ ANSWER_PREFIX = {"execution": '{"reasoning": "", "score": [', "consistency": '{"
 SCORE_SEP = ", "  # between the three quality scores
 
 
+# Answer length limits per mode, as the release's reward servers generate: the edit critic 256 tokens, the gen
+# critic 8192 (its prompt asks for an item-by-item checklist before the rating).
+MAX_NEW_TOKENS = {"execution": 256, "consistency": 256, "instruction": 8192, "quality": 8192}
+
+
 def load_prompts(path=None):
     """The default templates, replaced by any in a JSON file {mode: template, "answer_prefix": {mode: str}}."""
     prompts = dict(PROMPTS, answer_prefix=dict(ANSWER_PREFIX))
@@ -118,6 +125,12 @@ def load_prompts(path=None):
         if set(user) - set(PROMPTS):
             raise ValueError(f"{path}: unknown scoring mode(s) {sorted(set(user) - set(PROMPTS))}; "
                              f"expected some of {sorted(PROMPTS)}")
+        for mode, template in user.items():  # fail at load, not at the first item
+            try:
+                template.format(instruction="", prompt="", requirement="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{path}: template {mode!r} is not a str.format template with the fields {{instruction}}, "
+                                 f"{{prompt}}, {{requirement}} ({type(e).__name__}: {e}); write literal braces as {{{{ }}}}") from None
         prompts.update(user)
     return prompts
 
@@ -130,7 +143,7 @@ def build_prompt(mode, text="", requirement=None, prompts=PROMPTS):
     """
     req = f"Requirement: {requirement}\n" if requirement else ""
     template = mark_images(prompts[mode], len(IMAGE_FIELDS[mode]), f"the {mode!r} prompt")
-    turn = template.replace("{instruction}", text).replace("{prompt}", text).replace("{requirement}", req)
+    turn = template.format(instruction=text, prompt=text, requirement=req)
     return mark_images(turn, len(IMAGE_FIELDS[mode]), f"the {mode!r} prompt with its text")
 
 
@@ -166,7 +179,7 @@ def critic_messages(mode, text="", requirement=None, prompts=PROMPTS):
 @dataclass
 class Parsed:
     scores: list  # list of ints in 1..5, or None when parsing failed
-    how: str  # "json" | "boxed" | "pattern" | "failed"
+    how: str  # "json" | "boxed" | "rating" | "pattern" | "failed"
     error: str = ""
 
     @property
@@ -200,33 +213,63 @@ _PATTERNS = [
 ]
 
 
-def parse_score(text, n=1):
-    """Parse a critic answer into n integer scores in 1..5.
+# Which reading comes first, per mode, as the release's reward servers parse: the gen instruction score from
+# \\boxed{} first, then "Final Alignment Rating", then JSON; everything else JSON first.
+PARSE_ORDER = {"instruction": ("boxed", "rating", "json")}
+DEFAULT_ORDER = ("json", "boxed")
+_RATING = r"Final Alignment Rating\s*\**\s*:?\s*\**\s*\[?\s*([1-5])\s*\]?(?!\d|\.\d)"
 
-    Order: the first (outermost) JSON object with a "score" field (list, number or numeric string); then
-    the last \\boxed{...}; then lenient patterns (a truncated '"score": [4', "score: 4", "Score [3, 4, 5]",
-    "4/5", "4 out of 5"; the last match wins). Out-of-range or wrong-count scores and anything
-    unrecognised give Parsed(None, "failed", reason).
-    """
-    if not isinstance(text, str) or not text.strip():
-        return Parsed(None, "failed", "empty answer")
+
+def _json_scores(text, n):
+    """The first (outermost) JSON object with a "score" field: Parsed, or None when there is none."""
     decoder = json.JSONDecoder()
     for start in [m.start() for m in re.finditer("{", text)]:
         try:
             obj = decoder.raw_decode(text, start)[0]  # the object starting here; text after it is ignored
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting is not an answer
             continue
         if "score" in obj:
             scores = _as_scores(obj["score"], n)
             if scores is None:
                 return Parsed(None, "failed", f"JSON score {obj['score']!r} is not {n} integer(s) in 1..5")
             return Parsed(scores, "json")
+    return None
+
+
+def _boxed_scores(text, n):
+    """The last \\boxed{...}: Parsed, or None when there is none."""
     boxed = re.findall(r"\\boxed\{\s*([^{}]*?)\s*\}", text)
-    if boxed:
-        scores = _as_scores(boxed[-1].split(","), n)
-        if scores is None:
-            return Parsed(None, "failed", f"\\boxed{{{boxed[-1]}}} is not {n} integer(s) in 1..5")
-        return Parsed(scores, "boxed")
+    if not boxed:
+        return None
+    scores = _as_scores(boxed[-1].split(","), n)
+    if scores is None:
+        return Parsed(None, "failed", f"\\boxed{{{boxed[-1]}}} is not {n} integer(s) in 1..5")
+    return Parsed(scores, "boxed")
+
+
+def _rating_scores(text, n):
+    found = re.findall(_RATING, text, flags=re.IGNORECASE) if n == 1 else []
+    return Parsed([int(found[-1])], "rating") if found else None
+
+
+_READERS = {"json": _json_scores, "boxed": _boxed_scores, "rating": _rating_scores}
+
+
+def parse_score(text, n=1, mode=None):
+    """Parse a critic answer into n integer scores in 1..5.
+
+    Order (PARSE_ORDER, the release's): for the gen instruction score the last \\boxed{...}, then "Final
+    Alignment Rating: n", then JSON; for every other mode the first (outermost) JSON object with a "score" field
+    (list, number or numeric string), then the last \\boxed{...}. Then lenient patterns (a truncated
+    '"score": [4', "score: 4", "Score [3, 4, 5]", "4/5", "4 out of 5"; the last match wins). Out-of-range or
+    wrong-count scores and anything unrecognised give Parsed(None, "failed", reason).
+    """
+    if not isinstance(text, str) or not text.strip():
+        return Parsed(None, "failed", "empty answer")
+    for reader in PARSE_ORDER.get(mode, DEFAULT_ORDER):
+        parsed = _READERS[reader](text, n)
+        if parsed is not None:
+            return parsed
     for pat in _PATTERNS:
         found = re.findall(pat, text, flags=re.IGNORECASE)
         scores = _as_scores(found[-1].split(","), n) if found else None
@@ -286,8 +329,8 @@ class Judgement:
     scores: list  # N_SCORES[mode] numbers in 1..5 (ints when generated, floats when expected/ensembled); None = failed
     text: str  # the critic's raw answer (ensembles: the answers joined; "expected": the digit probabilities)
     ok: bool
-    error: str = ""  # why it failed: the parser's message, or too little probability on the digits
-    how: str = ""  # json | boxed | pattern | expected | ensemble | failed
+    error: str = ""  # why it failed: the parser's message, the length limit, or too little probability on the digits
+    how: str = ""  # json | boxed | rating | pattern | expected | ensemble | failed | cut (hit max_new_tokens, no score)
 
 
 def check_method(method, samples, max_samples=None):
@@ -323,7 +366,9 @@ class Critic:
     score(mode, items, method="generate", samples=1) -> list[Judgement], one per item, in order.
       edit items: {"source": PIL, "edited": PIL, "instruction": str (or "prompt"), "requirement": str|None}
       gen items:  {"image": PIL, "prompt": str, "requirement": str|None}
-      "generate": batched greedy decoding (left padding, KV cache), then parse_score on the text.
+      "generate": batched greedy decoding (left padding, KV cache), then parse_score on the text; at most
+          max_new_tokens tokens (None: MAX_NEW_TOKENS[mode], the release's limits). An answer that hit the limit
+          without a score is a failure of its own kind ("cut"): raise the limit rather than blame the critic.
       "expected": digit_expectation after the teacher-forced ANSWER_PREFIX, one forward pass per score;
           fails when the digits get < min_digit_mass of the probability.
       samples > 1 (generate only): the mean over the sampled answers that parsed (EditScore's self-ensemble),
@@ -331,7 +376,7 @@ class Critic:
     `model` / `processor` may replace model_dir (the tests pass a stub model and the real processor).
     """
 
-    def __init__(self, model_dir=None, device=None, dtype=None, prompt_file=None, max_new_tokens=256, batch_size=16,
+    def __init__(self, model_dir=None, device=None, dtype=None, prompt_file=None, max_new_tokens=None, batch_size=16,
                  min_digit_mass=0.5, model=None, processor=None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
         if model is None and not Path(model_dir or "").is_dir():  # never a silent hub download
@@ -375,15 +420,21 @@ class Critic:
 
     def _generate(self, mode, batch, samples):  # -> one Judgement per item
         gc = copy.deepcopy(self.model.generation_config)
-        gc.update(max_new_tokens=self.max_new_tokens, do_sample=samples > 1, num_return_sequences=samples)
+        limit = self.max_new_tokens or MAX_NEW_TOKENS[mode]
+        gc.update(max_new_tokens=limit, do_sample=samples > 1, num_return_sequences=samples)
         if samples == 1:  # greedy: drop the checkpoint's sampling settings (Qwen3-VL ships temperature 0.7 etc.)
             gc.update(temperature=None, top_p=None, top_k=None)
-        seqs = self.model.generate(**batch, generation_config=gc)
-        texts = self.tok.batch_decode(seqs[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        seqs = self.model.generate(**batch, generation_config=gc)[:, batch["input_ids"].shape[1]:]  # (B * samples, <= limit)
+        texts = self.tok.batch_decode(seqs, skip_special_tokens=True)
+        eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
+        ended = torch.isin(seqs, torch.tensor([e for e in eos if e is not None], device=seqs.device)).any(1).tolist()
+        cut = [not e and seqs.shape[1] >= limit for e in ended]  # stopped by the limit, not by the critic
         out = []
         for i in range(0, len(texts), samples):  # generate returns each item's samples next to each other
             group = texts[i:i + samples]
-            text, parsed = "\n---\n".join(group), [parse_score(t, N_SCORES[mode]) for t in group]
+            text, parsed = "\n---\n".join(group), [parse_score(t, N_SCORES[mode], mode) for t in group]
+            parsed = [Parsed(None, "cut", f"answer cut at max_new_tokens={limit} before a score") if c and not p.ok else p
+                      for p, c in zip(parsed, cut[i:i + samples])]
             good = [p.scores for p in parsed if p.ok]
             if samples == 1:
                 out.append(Judgement(parsed[0].scores, text, parsed[0].ok, parsed[0].error, parsed[0].how))
@@ -483,6 +534,7 @@ def fuse_judgements(per_mode, fusion, on_failure="drop"):
         rewards.append(r if r is not None else (None if on_failure == "drop" else 0.0))
     good = {m: [j.scores for j in js if j.ok] for m, js in per_mode.items()}
     stats = {"n": n, "parse_failures": {m: n - len(g) for m, g in good.items()},
+             "cut": {m: sum(j.how == "cut" for j in js) for m, js in per_mode.items()},  # of the failures: hit the limit
              "failed": sum(not all(js[i].ok for js in per_mode.values()) for i in range(n)),
              "mean_score": {m: sum(map(min, g)) / len(g) if g else None for m, g in good.items()},  # quality: the min
              "errors": [j.error for js in per_mode.values() for j in js if not j.ok][:5]}
@@ -791,7 +843,8 @@ def get_args(argv=None):
         p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                        help="default bf16 on GPU, fp32 on CPU")
         p.add_argument("--batch-size", type=int, default=16, help="items per forward/generate batch")
-        p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per generated answer")
+        p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per generated answer (default: the "
+                       "release's per-mode limit, 256 edit / 8192 gen)")
         p.add_argument("--min-digit-mass", type=float, default=0.5, help="'expected': fail below this digit probability")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
         p.add_argument("--token", default=os.environ.get("FIRM_REWARD_TOKEN"),
