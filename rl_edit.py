@@ -69,11 +69,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (DataError, MetricsLog, cleanup_dist, die, image_grid, load_image, pil_to_tensor, plot_curves,
+from common import (DataError, MetricsLog, cleanup_dist, die, every, image_grid, load_image, pil_to_tensor, plot_curves,
                     print0, read_jsonl, seed_everything, setup_dist, tensor_to_pil, write_json)
-from rl_gen import (clone_weights, ema_decay, ema_update_, find_checkpoint, full_weights, group_advantages, kl_loss,
-                    load_checkpoint, nft_loss, ode_sample, old_policy_decay, optimality_probability,
-                    rectified_flow_interp, save_checkpoint, use_weights)
+from rl_gen import (clone_weights, find_checkpoint, full_weights, group_advantages, load_checkpoint, nft_step, noise_levels,
+                    ode_sample, optimality_probability, rectified_flow_interp, save_checkpoint, use_weights)
 
 # -----------------------------------------------------------------------------
 # the editor: loading, latents, prompt encoding, velocity, sampling
@@ -127,8 +126,14 @@ def load_editor(model_dir, lora_dir=None, device=None, dtype=None, resolution=No
     model_dir = Path(model_dir)
     for sub in ("transformer", "text_encoder", "processor", "scheduler"):
         if not (model_dir / sub).is_dir():
-            raise DataError(f"{model_dir}: no '{sub}' folder; expected a Qwen-Image-Edit diffusers directory "
+            raise DataError(f"{model_dir}: no '{sub}' folder; expected a Qwen-Image-Edit-2509 diffusers directory "
                             "(or build the tiny one: python toy.py pretrain-edit)")
+    cls = json.loads((model_dir / "model_index.json").read_text()).get("_class_name") if (model_dir / "model_index.json").is_file() else None
+    if cls != "QwenImageEditPlusPipeline":  # the conditioning below is the 2509 pipeline's (as the release trains)
+        raise DataError(f"{model_dir}/model_index.json: _class_name is {cls!r}; rl_edit encodes prompts as "
+                        "QwenImageEditPlusPipeline (Qwen-Image-Edit-2509) does: 'Picture 1:' template, a 384x384 condition "
+                        "image. Another checkpoint (e.g. the original Qwen-Image-Edit) would be conditioned unlike its own "
+                        "pipeline; use Qwen-Image-Edit-2509")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     transformer = QwenImageTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=transformer_dtype or dtype)
@@ -252,16 +257,15 @@ def predict_velocity(transformer, x_t, source, t, embeds, mask, grid):
     return out[:, :N]
 
 
-def noise_levels(editor, steps, n_tokens):
-    """The scheduler's steps + 1 noise levels from 1 to 0 (Qwen-Image: shift by sequence length, exponential)."""
-    sch, cfg = editor.scheduler, editor.scheduler.config
-    kwargs = {}
+def editor_noise_levels(editor, steps, n_tokens):
+    """The scheduler's steps + 1 noise levels from 1 to 0, as QwenImageEditPlusPipeline sets them: sigmas
+    linspace(1, 1/steps), shifted by the token count (exponential shift) when the config asks for it."""
+    cfg, kwargs = editor.scheduler.config, {"sigmas": np.linspace(1.0, 1.0 / steps, steps)}
     if cfg.get("use_dynamic_shifting", False):
         b0, b1 = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
         s0, s1 = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
         kwargs["mu"] = s0 + (s1 - s0) * (n_tokens - b0) / (b1 - b0)  # the pipeline's calculate_shift
-    sch.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), device="cpu", **kwargs)
-    return sch.sigmas.double()  # (steps + 1,), ends with 0
+    return noise_levels(editor.scheduler, steps, **kwargs)
 
 
 def prepare_sources(editor, images):
@@ -286,7 +290,7 @@ def rollout(editor, sources, instructions, seeds, steps):
     _, src, (h, w) = prepare_sources(editor, sources)
     embeds, mask = encode_prompt(editor, instructions, sources)
     x_T = initial_noise(seeds, (src.shape[1], src.shape[2]), editor.device)
-    ts = noise_levels(editor, steps, src.shape[1])
+    ts = editor_noise_levels(editor, steps, src.shape[1])
     grid = (h // 2, w // 2)
     vfn = lambda x, t: predict_velocity(editor.transformer, x, src, t, embeds, mask, grid).float()
     x0, _ = ode_sample(vfn, x_T, ts)
@@ -517,7 +521,8 @@ PRESETS = {
     "mini": dict(model="runs/mini/models/edit-base", prompts="runs/mini/data/rl/edit_train.jsonl",
                  test_prompts="runs/mini/data/rl/edit_test.jsonl", reward_model="runs/mini/models/edit-critic",
                  out_root="runs/mini", steps=30, prompts_per_step=4, group_size=8, micro_batch=32,
-                 timestep_fraction=0.34, lora_rank=16, lora_alpha=32, lr=1e-3, eval_every=10, save_every=10,
+                 timestep_fraction=0.34, lora_rank=16, lora_alpha=32, lr=1e-3, eval_every=10, save_every=10, eval_steps=6,
+                 gradient_checkpointing=False,
                  eval_prompts=32, max_new_tokens=192, reward_batch=32, threads=1),
 }
 
@@ -544,30 +549,41 @@ def get_args(argv=None):
     ap.add_argument("--reward-method", choices=["generate", "expected"], default="generate",
                     help="critic scoring: greedy answer then parse (paper), or expected score from digit probabilities")
     ap.add_argument("--reward-batch", type=int, default=16, help="items per critic forward")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="critic answer length limit, tokens")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="critic answer length limit, tokens (default: reward.py's "
+                    "per-mode limit, the release's 256 for the edit critic)")
     # rollout
-    ap.add_argument("--rollout-steps", type=int, default=6, help="ODE steps per edit (paper: 6)")
-    ap.add_argument("--prompts-per-step", type=int, default=16, help="prompts per RL step, all ranks together")
-    ap.add_argument("--group-size", type=int, default=16, help="edits per prompt (K); need not divide the rank count")
+    ap.add_argument("--rollout-steps", type=int, default=6, help="ODE steps per edit (release: sample.num_steps 6)")
+    ap.add_argument("--eval-steps", type=int, default=15, help="ODE steps per evaluation edit (release: sample.eval_num_steps 15)")
+    ap.add_argument("--prompts-per-step", type=int, default=24, help="prompts per RL step, all ranks together (release: 24 "
+                    "groups; the paper says 16)")
+    ap.add_argument("--group-size", type=int, default=12, help="edits per prompt (K; release: num_image_per_prompt 12, the "
+                    "paper says 16); need not divide the rank count")
     ap.add_argument("--micro-batch", type=int, default=8, help="samples per forward on one rank")
     # DiffusionNFT
-    ap.add_argument("--nft-beta", type=float, default=1.0, help="NFT mixing coefficient beta of v+ / v- (not the KL weight)")
-    ap.add_argument("--kl-weight", type=float, default=1e-4, help="weight of mse(v, v_ref) to the frozen base model")
-    ap.add_argument("--timestep-fraction", type=float, default=0.99, help="trained timesteps per sample = int(fraction x rollout steps), >= 1")
-    ap.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this")
+    ap.add_argument("--nft-beta", type=float, default=1.0, help="NFT mixing coefficient beta of v+ / v- (release: config.beta; "
+                    "not the KL weight)")
+    ap.add_argument("--kl-weight", type=float, default=1e-4, help="weight of mse(v, v_ref) to the frozen base model (release: "
+                    "train.beta)")
+    ap.add_argument("--timestep-fraction", type=float, default=0.99, help="trained timesteps per sample = int(fraction x "
+                    "rollout steps), >= 1 (release: 0.99)")
+    ap.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this; also the loss scale (release: 5)")
     # optimisation
-    ap.add_argument("--steps", type=int, default=150, help="RL steps (one optimizer step each)")
-    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    ap.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    ap.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on the attention projections")
-    ap.add_argument("--lora-alpha", type=float, default=64, help="LoRA alpha (scale alpha / rank)")
+    ap.add_argument("--steps", type=int, default=150, help="RL steps, one optimizer step each (paper: 150)")
+    ap.add_argument("--lr", type=float, default=1.5e-3, help="AdamW learning rate (release: editing/config/base.py 1.5e-3)")
+    ap.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (release: 1e-4)")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (release: 1.0)")
+    ap.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on the attention projections (release: 32)")
+    ap.add_argument("--lora-alpha", type=float, default=64, help="LoRA alpha, scale alpha / rank (release: 64)")
     ap.add_argument("--full-finetune", action="store_true", help="train every transformer weight instead of LoRA adapters")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute each transformer block in backward (release: on; a 20B editor needs it on 80 GB)")
     # evaluation, logging, checkpoints
-    ap.add_argument("--eval-every", type=int, default=25, help="steps between evaluations on the test prompts (EMA weights)")
+    ap.add_argument("--eval-every", type=int, default=25, help="steps between evaluations on the test prompts with the EMA "
+                    "weights, also before the first and after the last (0 = never; no grid)")
     ap.add_argument("--eval-prompts", type=int, default=64, help="test prompts evaluated (one edit each, fixed seeds)")
     ap.add_argument("--grid-rows", type=int, default=8, help="test prompts in the edit grids")
-    ap.add_argument("--save-every", type=int, default=25, help="steps between checkpoints (--out/checkpoint)")
+    ap.add_argument("--save-every", type=int, default=25, help="steps between checkpoints (--out/checkpoint; release: 50), "
+                    "and after the last step (0 = after the last only)")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint if it exists")
     ap.add_argument("--stop-after", type=int, default=None, help="testing: exit after this many steps as if killed (no final save)")
     ap.add_argument("--seed", type=int, default=0, help="prompt order, noise and timesteps")
@@ -621,6 +637,8 @@ def main(args):
     tr = editor.transformer
     tr.requires_grad_(args.full_finetune)
     lora_cfg = None if args.full_finetune else add_lora(tr, args.lora_rank, args.lora_alpha)
+    if args.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
     for p in tr.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trained weights and their AdamW state in fp32
@@ -655,7 +673,7 @@ def main(args):
     def evaluate(values):
         """Edit the test prompts with the given weights (fixed seeds); critic reward + pixel judge on rank 0."""
         with use_weights(tr, params, values):
-            imgs = edit_all_ranks(editor, test_sources, [r["prompt"] for r in test], test_seeds, args.rollout_steps,
+            imgs = edit_all_ranks(editor, test_sources, [r["prompt"] for r in test], test_seeds, args.eval_steps,
                                   args.micro_batch, rank, world)
         m = {}
         if rank == 0:
@@ -669,8 +687,8 @@ def main(args):
                 m.update({"eval_edited": pj["edited"], "eval_kept": pj["kept"], "eval_pixel": pj["overall"]})
         return imgs, m
 
-    before = after = None
-    if start == 0:
+    before = after = m_after = None
+    if start == 0 and args.eval_every:
         before, m = evaluate(ema)  # the EMA is the base model here
         log.log(0, **m)
     for step in range(start, args.steps):
@@ -700,72 +718,60 @@ def main(args):
                 imgs += to_images(editor, r["x0"], r["hw"], [sources[prompt_of[g]].size for g in r["idx"]])
         recs = [records[prompt_of[g]] for g in mine]
         rw, fails = rewarder.score(recs, [sources[prompt_of[g]] for g in mine], imgs)
-        buf = torch.zeros(N, 2, dtype=torch.float64)
+        buf = torch.zeros(N, 2, dtype=torch.float64)  # (reward, present) per global sample index
         for g, x in zip(mine, rw):
             if x is not None:
                 buf[g] = torch.tensor([x, 1.0])
         pj = pixel_judge(recs, imgs)
         extra = torch.tensor([fails, len(mine), (pj or {}).get("overall", 0.0) * len(mine)], dtype=torch.float64)
-        dist.all_reduce(buf)
+        buf, extra = buf.to(device), extra.to(device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(buf)  # sync point: every rank needs every reward for the group advantages
         dist.all_reduce(extra)
+        buf, extra = buf.cpu(), extra.cpu()
         rewards = [buf[g, 0].item() if buf[g, 1] > 0 else None for g in range(N)]
         adv = group_advantages(rewards, [g // K for g in range(N)], clip=args.adv_clip)
-        prob = optimality_probability(adv, clip=args.adv_clip)
         valid = ~torch.isnan(adv)
         n_valid = int(valid.sum())
         t_reward = time.time() - t0 - t_roll
 
-        # 4. DiffusionNFT update on T of the rollout's own noise levels per edit, fresh noise each
-        #    (a sample whose reward failed to parse, or a dummy batch, has weight 0 but still runs: FSDP)
-        opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(2, dtype=torch.float64)
+        # 4-5. DiffusionNFT update on T of the rollout's own noise levels per edit, fresh noise each, then the soft
+        #      updates of the old policy and the EMA (rl_gen.nft_step: the same update as rl_gen's). A sample whose
+        #      reward failed to parse, or a dummy batch, has weight 0 but still runs: every FSDP forward is collective.
+        r_all = optimality_probability(adv.nan_to_num(0.0), clip=args.adv_clip).float()
+        micro = []
         for r in batches:
             b, x0 = r["idx"], r["x0"]
             w = torch.tensor([float(valid[g]) if r["real"] else 0.0 for g in b], device=device)
-            w = w * world / max(1, n_valid * T)  # gradients = d/dtheta of the mean over all valid (edit, t); FSDP averages ranks
-            rr = torch.nan_to_num(prob[b], nan=0.5).float().to(device)
             levels = r["ts"][:-1]  # the rollout's noise levels, without the final 0
             gens = [torch.Generator().manual_seed(seeds[g] + 1) for g in b]
             picks = [torch.randperm(len(levels), generator=gn)[:T] for gn in gens]
-            xs = []
-            for j in range(T):
-                t = torch.tensor([float(levels[p[j]]) for p in picks], device=device)
-                eps = torch.stack([torch.randn(x0.shape[1:], generator=gn) for gn in gens]).to(device)
-                xs.append((rectified_flow_interp(x0, eps, t), t))
-            vf = lambda x, t: predict_velocity(tr, x, r["source"], t, r["embeds"], r["mask"], r["grid"]).float()
-            with torch.no_grad():
-                with use_weights(tr, params, old):
-                    v_old = [vf(x, t) for x, t in xs]
-                with use_weights(tr, params, ref):
-                    v_ref = [vf(x, t) for x, t in xs]
-            for (x_t, t), vo, vr in zip(xs, v_old, v_ref):
-                v = vf(x_t, t)
-                l_nft, l_kl = nft_loss(v, vo, x_t, x0, t, rr, nft_beta=args.nft_beta), kl_loss(v, vr)
-                ((l_nft + args.kl_weight * l_kl) * w).sum().backward()
-                wn = w.detach() / (world / max(1, n_valid * T))  # 1 for the samples that count
-                sums += torch.tensor([(l_nft.detach() * wn).sum().item(), (l_kl.detach() * wn).sum().item()], dtype=torch.float64)
-        gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-        opt.step()
-        dist.all_reduce(sums)
-
-        # 5. old policy <- d old + (1 - d) current; EMA of the weights (what is saved)
-        ema_update_(old, params, old_policy_decay(step))
-        ema_update_(ema, params, ema_decay(step))
+            ts = torch.stack([torch.stack([levels[p[j]] for j in range(T)]) for p in picks]).float().to(device)  # (B, T)
+            eps = torch.stack([torch.stack([torch.randn(x0.shape[1:], generator=gn) for gn in gens]) for _ in range(T)], 1)
+            x_t = rectified_flow_interp(x0[:, None], eps.to(device), ts[..., None, None])  # (B, T, N, 4C) packed tokens
+            vfn = lambda x, t, r=r: predict_velocity(tr, x, r["source"], t, r["embeds"], r["mask"], r["grid"]).float()
+            micro.append((vfn, x_t, ts, x0, r_all[b].to(device), w))
+        stats = nft_step(tr, params, opt, old, ema, ref, micro, n_valid, step, args, world)
+        if stats is None:
+            print0(f"step {step + 1}: no critic answer parsed in the whole batch; skipping the update")
+            stats = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = stats.clone()
+        sums[3] = 0
+        dist.all_reduce(sums)  # sync point: loss sums of every rank's samples, for the log
 
         ok = [x for x in rewards if x is not None]
         m = {"reward": float(np.mean(ok)) if ok else None, "reward_std": float(np.std(ok)) if ok else None,
              "parse_failures": int(extra[0]), "loss": sums[0].item() / max(1, n_valid * T),
-             "kl": sums[1].item() / max(1, n_valid * T), "grad_norm": float(gn)}
+             "nft": sums[1].item() / max(1, n_valid * T), "kl": sums[2].item() / max(1, n_valid * T),
+             "grad_norm": float(stats[3])}
         if pj is not None:
             m["train_pixel"] = extra[2].item() / max(1.0, extra[1].item())
         m.update({"t_rollout": round(t_roll, 2), "t_reward": round(t_reward, 2), "t_step": round(time.time() - t0, 2)})
         done = step + 1
-        if done % args.eval_every == 0 or done == args.steps:
+        if args.eval_every and (every(done, args.eval_every) or done == args.steps):
             after, m_after = evaluate(ema)
             m.update(m_after)
         log.log(done, **m)
-        if done % args.save_every == 0 and done < args.steps:
+        if every(done, args.save_every) or done == args.steps:  # the last step too: --resume after the end is a no-op
             save_checkpoint(out, tr, params, opt, old, ema, done, rank)
         if args.stop_after is not None and done >= start + args.stop_after:
             print0(f"stopping after {args.stop_after} steps (--stop-after), as if killed")
@@ -778,13 +784,15 @@ def main(args):
         save_transformer(out / "transformer", editor, params, ema, rank, sidecar)
     else:
         save_lora(out, tr, params, ema, lora_cfg, rank, sidecar)
-    if before is None:  # resumed: the base model's edits again (same seeds)
-        before, _ = evaluate(ref)
-    if after is None:
-        after, m_after = evaluate(ema)
+    if args.eval_every:  # 0 = never evaluate: no grid, no before / after summary
+        if before is None:  # resumed: the base model's edits again (same seeds)
+            before, _ = evaluate(ref)
+        if after is None:
+            after, m_after = evaluate(ema)
     if rank == 0:
-        rows = [[s, b, a] for s, b, a in zip(test_sources, before, after)][:args.grid_rows]
-        image_grid(rows).save(out / "edits_grid.png")
+        if before is not None:
+            rows = [[s, b, a] for s, b, a in zip(test_sources, before, after)][:args.grid_rows]
+            image_grid(rows).save(out / "edits_grid.png")
         rows_metrics = [json.loads(l) for l in open(out / "metrics.jsonl")]
         series = {k: [(r["step"], r[k]) for r in rows_metrics if r.get(k) is not None]
                   for k in ("reward", "eval_reward", "eval_pixel", "eval_edited", "eval_kept")}

@@ -62,7 +62,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from common import (DataError, MetricsLog, cleanup_dist, die, image_grid, load_image, load_weights, plot_curves,
+from common import (DataError, MetricsLog, cleanup_dist, die, every, image_grid, load_image, load_weights, plot_curves,
                     print0, read_jsonl, read_jsonl_resumable, save_weights, setup_dist, tensor_to_pil, write_json,
                     write_jsonl)
 
@@ -88,7 +88,7 @@ def get_args(argv=None):
     ap.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on the attention projections")
     ap.add_argument("--lora-alpha", type=float, default=64, help="LoRA alpha (scale = alpha / rank)")
     ap.add_argument("--resolution", type=int, default=512, help="image side in pixels (0 = the model's native size)")
-    ap.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (ignored without a T5 encoder)")
+    ap.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens (release: 128; ignored without a T5 encoder)")
     # data
     ap.add_argument("--prompts", default=None, help="JSONL {id, prompt[, requirement]} of RL training prompts")
     ap.add_argument("--test-prompts", default=None, help="JSONL of held-out prompts for evaluation (optional)")
@@ -102,7 +102,8 @@ def get_args(argv=None):
     ap.add_argument("--reward-batch", type=int, default=16, help="images per critic call")
     ap.add_argument("--reward-method", default="generate", choices=["generate", "expected"],
                     help="critic scoring: greedy answer then parse (paper), or expected score from digit probabilities")
-    ap.add_argument("--reward-max-new-tokens", type=int, default=512, help="critic answer length limit (tokens)")
+    ap.add_argument("--reward-max-new-tokens", type=int, default=None, help="critic answer length limit, tokens "
+                    "(default: the release's 8192 for the gen critic, reward.MAX_NEW_TOKENS)")
     # rollout
     ap.add_argument("--prompts-per-step", type=int, default=48, help="prompt groups per RL step (global)")
     ap.add_argument("--group-size", type=int, default=16, help="samples per prompt (K)")
@@ -125,7 +126,7 @@ def get_args(argv=None):
     ap.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation")
     ap.add_argument("--eval-samples", type=int, default=1, help="samples per held-out prompt")
     ap.add_argument("--grid-prompts", type=int, default=6, help="rows of samples_grid.png")
-    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (a killed run resumes from it)")
+    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps and after the last (0 = after the last only)")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint if it exists")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -256,11 +257,15 @@ def ema_update_(target_params, source_params, decay):
         tgt.mul_(decay).add_(src.detach().to(tgt.dtype), alpha=1 - decay)
 
 
-def flow_timesteps(steps, shift=1.0):
-    """steps + 1 noise levels from 1 to 0, warped by SD3's shift: t' = shift t / (1 + (shift - 1) t).
-    (shift 3 for SD3.5-Medium, as its scheduler config says; shift > 1 spends more steps at high noise.)"""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * t / (1 + (shift - 1) * t)
+def noise_levels(scheduler, steps, **kwargs):
+    """The steps + 1 noise levels (1 -> 0) of the checkpoint's own flow-matching scheduler, as the release samples.
+
+    For SD3.5-Medium (FlowMatchEulerDiscreteScheduler, shift 3) and 10 steps: [1, .960, .913, .858, .790, .707,
+    .602, .465, .278, .0089, 0]: the shift is applied to the scheduler's training grid of 1000 timesteps, so the
+    last level before 0 is small and the sampler ends with a small step. kwargs go to set_timesteps (Qwen-Image:
+    `sigmas`, `mu`)."""
+    scheduler.set_timesteps(None if "sigmas" in kwargs else steps, device="cpu", **kwargs)
+    return scheduler.sigmas.double()  # (steps + 1,), ends with 0
 
 
 @torch.no_grad()
@@ -305,7 +310,7 @@ def ode_sample(velocity_fn, x_T, timesteps):
 class Generator:
     """The parts of a StableDiffusion3Pipeline that RL uses. `vae` is None in the miniature world."""
 
-    def __init__(self, pipe, device, max_sequence_length=256):
+    def __init__(self, pipe, device, max_sequence_length=128):
         self.pipe, self.device = pipe, device
         self.transformer, self.vae = pipe.transformer, pipe.vae
         self.shift = float(pipe.scheduler.config.get("shift", 1.0))  # SD3's timestep shift (3.0 for SD3.5-M)
@@ -319,11 +324,12 @@ class Generator:
         return (cfg.in_channels, side, side)
 
 
-def load_generator(model_dir, lora_dir=None, device=None, dtype=None, transformer_dtype=None, max_sequence_length=256):
+def load_generator(model_dir, lora_dir=None, device=None, dtype=None, transformer_dtype=None, max_sequence_length=128):
     """Open a StableDiffusion3Pipeline directory (components saved as null, e.g. no VAE, are passed as None).
 
     lora_dir: an rl_gen output (pytorch_lora_weights.safetensors, or transformer/ after --full-finetune).
-    dtype: of the frozen parts (text encoders, VAE); transformer_dtype: of the transformer (fp32 to train).
+    dtype: of the frozen text encoders; transformer_dtype: of the transformer (fp32 to train). The VAE runs in
+    fp32, as the release decodes.
     """
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -334,7 +340,7 @@ def load_generator(model_dir, lora_dir=None, device=None, dtype=None, transforme
                         f"(for the miniature world run `python toy.py pretrain-gen`)")
     index = json.loads(index_file.read_text())
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-    dtypes = {"default": dtype, "transformer": transformer_dtype or dtype}
+    dtypes = {"default": dtype, "transformer": transformer_dtype or dtype, "vae": torch.float32}
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, dtype=dtypes, **absent)
     if lora_dir is not None:
         if (Path(lora_dir) / "transformer").is_dir():
@@ -356,9 +362,13 @@ def encode_prompts(gen, prompts):
 
 
 def velocity(transformer, x_t, t, emb, pooled):
-    """The SD3 transformer's prediction v = eps - x0 at noise level t in [0, 1] (it takes t * 1000)."""
-    return transformer(hidden_states=x_t, encoder_hidden_states=emb, pooled_projections=pooled,
-                       timestep=t * 1000, return_dict=False)[0].float()
+    """The SD3 transformer's prediction v = eps - x0 at noise level t in [0, 1] (it takes t * 1000), in fp32.
+
+    The inputs are cast to the transformer's dtype (bf16 weights for inference on a GPU); under FSDP2 with a
+    mixed-precision policy the parameters report fp32 and the policy casts the inputs itself."""
+    dt = transformer.dtype
+    return transformer(hidden_states=x_t.to(dt), encoder_hidden_states=emb.to(dt), pooled_projections=pooled.to(dt),
+                       timestep=(t * 1000).to(dt), return_dict=False)[0].float()
 
 
 def sample_seed(seed, *ids):
@@ -396,7 +406,7 @@ def decode(gen, latents):
 def generate(gen, prompts, seeds, steps=10, resolution=0, batch_size=16):
     """PIL images for (prompt, seed) pairs with the rollout sampler (no CFG); identical whatever the batching."""
     emb, pooled = encode_prompts(gen, prompts)
-    ts = flow_timesteps(steps, gen.shift)
+    ts = noise_levels(gen.pipe.scheduler, steps)
     lat = sample_latents(gen, gen.transformer, emb, pooled, list(seeds), ts, gen.latent_shape(resolution), batch_size)
     return [tensor_to_pil(x) for x in decode(gen, lat)]
 
@@ -648,7 +658,7 @@ def evaluate(args, gen, model, params, weights, test, scorer, step, rank, world)
     emb, pooled = encode_prompts(gen, [test[i]["prompt"] for i, _ in mine])
     seeds = [sample_seed(args.seed, "eval", i, k) for i, k in mine]  # the same noise at every evaluation
     with use_weights(model, params, weights):
-        lat = sample_latents(gen, model, emb, pooled, seeds, flow_timesteps(args.sample_steps, gen.shift),
+        lat = sample_latents(gen, model, emb, pooled, seeds, noise_levels(gen.pipe.scheduler, args.sample_steps),
                              gen.latent_shape(args.resolution), args.rollout_batch)
     images = [tensor_to_pil(x) for x in decode(gen, lat[:n_real])]
     for (i, k), im in zip(mine[:n_real], images):  # each rank writes its own pictures; rank 0 assembles the grid
@@ -692,41 +702,53 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def nft_update(args, model, params, opt, old, ref, x0, emb, pooled, r, w, timesteps, T, n_valid, step, idx_local, world):
-    """One DiffusionNFT optimizer step on this rank's rollouts x0 (m, C, h, w) with optimality probabilities r
-    and sample weights w (0 = failed reward or padding). Returns [loss, nft, kl sums (weighted), grad norm]."""
-    device, m, B = x0.device, len(idx_local), args.train_batch
-    # T of the rollout's own timesteps per sample, in a random order, and fresh noise: x_t (m, T, C, h, w)
-    ts = torch.stack([timesteps[:-1][torch.randperm(len(timesteps) - 1, generator=torch.Generator().manual_seed(
-        sample_seed(args.seed, step, j, "t")))[:T]] for j in idx_local]).float().to(device)  # (m, T)
-    eps = torch.stack([noise_like(x0.shape[1:], [sample_seed(args.seed, step, j, "eps", i) for i in range(T)], device)
-                       for j in idx_local])
-    x_t = rectified_flow_interp(x0[:, None], eps, ts[..., None, None, None])
-    # the frozen predictions first, each under one weight swap: old policy (for v+ / v-) and base (for the KL)
+def nft_update(model, params, opt, old, ref, micro_batches, n_valid, args, world):
+    """Steps 4-5 of one RL step: the DiffusionNFT loss over this rank's micro-batches, one AdamW step.
+
+    micro_batches: [(vfn, x_t (B, T, ...), ts (B, T), x0 (B, ...), r (B,), w (B,))], where vfn(x, t) -> v is the
+    policy's velocity under that micro-batch's conditioning, x_t are the rollout's x0 re-noised at T of its own
+    noise levels ts, r the optimality probabilities and w the sample weights (0 = failed reward or padding).
+    n_valid: samples with a reward over ALL ranks. Returns float64 (4,): sums of loss, nft, kl (weighted) and the
+    gradient norm. Both RL scripts call this; the model-specific parts live in vfn.
+    """
+    # the frozen predictions first, each weight set swapped in once: old policy (for v+ / v-) and base (the KL)
     frozen = {}
     with torch.no_grad():
         for name, weights in (("old", old), ("ref", ref)):
-            if weights is not None:
-                with use_weights(model, params, weights):
-                    frozen[name] = torch.stack([torch.cat([velocity(model, x_t[b:b + B, i], ts[b:b + B, i], emb[b:b + B],
-                                                                    pooled[b:b + B]) for b in range(0, m, B)])
-                                                for i in range(T)], dim=1)  # (m, T, C, h, w)
-    stats = torch.zeros(4, dtype=torch.float64, device=device)
+            if weights is None:
+                continue
+            with use_weights(model, params, weights):
+                frozen[name] = [torch.stack([vfn(x_t[:, i], ts[:, i]) for i in range(ts.shape[1])], 1)  # (B, T, ...)
+                                for vfn, x_t, ts, *_ in micro_batches]
+    stats = torch.zeros(4, dtype=torch.float64, device=micro_batches[0][1].device)
     opt.zero_grad(set_to_none=True)
-    norm = world / (n_valid * T)  # FSDP averages gradients over ranks: this makes the total a mean over all samples
-    for b in range(0, m, B):  # every rank runs the same number of passes (padded slices): FSDP needs it
-        sl = slice(b, b + B)
-        for i in range(T):
-            v = velocity(model, x_t[sl, i], ts[sl, i], emb[sl], pooled[sl])
-            l_nft = nft_loss(v, frozen["old"][sl, i], x_t[sl, i], x0[sl], ts[sl, i], r[sl], nft_beta=args.nft_beta,
-                             scale=args.adv_clip)
-            l_kl = kl_loss(v, frozen["ref"][sl, i]) if ref is not None else torch.zeros_like(l_nft)
+    norm = world / (n_valid * micro_batches[0][2].shape[1])  # FSDP averages over ranks: the total is a mean over all (sample, t)
+    for k, (vfn, x_t, ts, x0, r, w) in enumerate(micro_batches):  # every rank runs as many passes (padding): FSDP needs it
+        for i in range(ts.shape[1]):
+            v = vfn(x_t[:, i], ts[:, i])
+            l_nft = nft_loss(v, frozen["old"][k][:, i], x_t[:, i], x0, ts[:, i], r, nft_beta=args.nft_beta, scale=args.adv_clip)
+            l_kl = kl_loss(v, frozen["ref"][k][:, i]) if ref is not None else torch.zeros_like(l_nft)
             loss = l_nft + args.kl_weight * l_kl  # the NFT beta lives inside nft_loss; kl_weight only here
-            ((loss * w[sl]).sum() * norm).backward()
-            stats[:3] += torch.stack([(x.detach() * w[sl]).sum() for x in (loss, l_nft, l_kl)]).double()
+            ((loss * w).sum() * norm).backward()
+            stats[:3] += torch.stack([(x.detach() * w).sum() for x in (loss, l_nft, l_kl)]).double()
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     stats[3] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
     opt.step()
+    return stats
+
+
+def nft_step(model, params, opt, old, ema, ref, micro_batches, n_valid, step, args, world):
+    """One optimizer step and the soft updates, or nothing at all when no sample of the step has a reward.
+
+    Skipping matters: an AdamW step on a zero gradient still moves the weights (momentum, weight decay).
+    The decay schedules count optimizer steps DONE (the release increments its step counter first): step + 1.
+    Returns nft_update's stats, or None when the step was skipped.
+    """
+    if n_valid == 0:
+        return None
+    stats = nft_update(model, params, opt, old, ref, micro_batches, n_valid, args, world)
+    ema_update_(old, params, old_policy_decay(step + 1))  # the rollout policy follows slowly
+    ema_update_(ema, params, ema_decay(step + 1))  # the saved weights
     return stats
 
 
@@ -765,7 +787,7 @@ def main(args):
     P, K = args.prompts_per_step, args.group_size
     N = P * K  # (prompt, sample) pairs per step, global index j = g * K + k
     idx_local, n_real = padded_slice(N, rank, world)
-    timesteps = flow_timesteps(args.sample_steps, gen.shift)  # the sampler's noise levels, 1 -> 0
+    timesteps = noise_levels(gen.pipe.scheduler, args.sample_steps)  # the checkpoint's noise levels, 1 -> 0
     T = max(1, int(args.timestep_fraction * args.sample_steps))  # training timesteps per sample
     shape = gen.latent_shape(args.resolution)
     n_train = sum(p.numel() for p in params)
@@ -801,15 +823,20 @@ def main(args):
         r = optimality_probability(adv.nan_to_num(0.0), clip=args.adv_clip).float()[idx_local].to(device)
         w = valid.float()[idx_local].to(device)
         w[n_real:] = 0.0  # padding duplicates train nothing
-        # 4-5. the DiffusionNFT update (one optimizer step) and the soft updates of the old policy and the EMA
-        stats = torch.zeros(4, dtype=torch.float64, device=device)
-        if n_valid > 0:
-            stats = nft_update(args, model, params, opt, old, ref, x0, emb, pooled, r, w, timesteps, T, n_valid, step,
-                               idx_local, world)
-            ema_update_(old, params, old_policy_decay(step + 1))  # schedules count optimizer steps done
-            ema_update_(ema, params, ema_decay(step + 1))
-        else:
+        # 4-5. the DiffusionNFT update (one optimizer step) and the soft updates of the old policy and the EMA:
+        #      T of the rollout's own noise levels per sample, in a random order, each with fresh noise
+        ts = torch.stack([timesteps[:-1][torch.randperm(len(timesteps) - 1, generator=torch.Generator().manual_seed(
+            sample_seed(args.seed, step, j, "t")))[:T]] for j in idx_local]).float().to(device)  # (m, T)
+        eps = torch.stack([noise_like(shape, [sample_seed(args.seed, step, j, "eps", i) for i in range(T)], device)
+                           for j in idx_local])  # (m, T, C, h, w)
+        x_t = rectified_flow_interp(x0[:, None], eps, ts[..., None, None, None])  # (m, T, C, h, w)
+        B = args.train_batch
+        micro = [(lambda x, t, e=emb[b:b + B], p=pooled[b:b + B]: velocity(model, x, t, e, p),
+                  x_t[b:b + B], ts[b:b + B], x0[b:b + B], r[b:b + B], w[b:b + B]) for b in range(0, len(idx_local), B)]
+        stats = nft_step(model, params, opt, old, ema, ref, micro, n_valid, step, args, world)
+        if stats is None:
             print0(f"step {step + 1}: no valid reward in the whole batch; skipping the update")
+            stats = torch.zeros(4, dtype=torch.float64, device=device)
         t3 = time.time()
         sums = stats.clone()
         sums[3] = 0
@@ -826,9 +853,9 @@ def main(args):
                 t_rollout=round(t1 - t0, 3), t_reward=round(t2 - t1, 3), t_train=round(t3 - t2, 3),
                 mem_gb_max=round(max(float(m) for m in mems), 3), mem_gb_min=round(min(float(m) for m in mems), 3))
         done = step + 1
-        if test and args.eval_every and (done % args.eval_every == 0 or done == args.steps):
+        if test and args.eval_every and (every(done, args.eval_every) or done == args.steps):
             elog.log(done, **evaluate(args, gen, model, params, ema, test, scorer, done, rank, world))
-        if done % args.save_every == 0 or done == args.steps:
+        if every(done, args.save_every) or done == args.steps:  # the last step too: --resume after the end is a no-op
             save_checkpoint(out, model, params, opt, old, ema, done, rank)
             if rank == 0:
                 write_pictures(out, test, args.grid_prompts)

@@ -148,7 +148,7 @@ def test_edit_is_deterministic_per_seed_and_returns_the_source_size(editor):
 
 
 def test_noise_levels_follow_the_scheduler_shift_and_end_at_zero(editor):
-    ts = rl_edit.noise_levels(editor, 6, 64)
+    ts = rl_edit.editor_noise_levels(editor, 6, 64)
     assert len(ts) == 7 and ts[0] == 1.0 and ts[-1] == 0.0 and bool((ts[:-1] > ts[1:]).all())
     assert ts[-2] == pytest.approx(0.02, abs=1e-6)  # Qwen-Image's shift_terminal
 

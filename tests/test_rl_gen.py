@@ -143,27 +143,99 @@ def test_ema_update_in_place():
     assert tgt[0].tolist() == [1.5, 3.0]
 
 
+# -----------------------------------------------------------------------------
+# the update both RL scripts take (rl_gen.nft_step), on a stand-in velocity network
+
+
+def _update_setup(kl_weight=1e-4, adv_clip=5.0):
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+    params = list(net.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    old, ema, ref = R.clone_weights(params), R.clone_weights(params), R.clone_weights(params)
+    x0, x_t, ts = torch.randn(3, 4), torch.randn(3, 2, 4), torch.rand(3, 2) * 0.8 + 0.1
+    micro = [(lambda x, t: net(x), x_t, ts, x0, torch.tensor([0.9, 0.1, 0.5]), torch.ones(3))]
+    args = SimpleNamespace(nft_beta=1.0, kl_weight=kl_weight, adv_clip=adv_clip, grad_clip=1.0)
+    return net, params, opt, old, ema, ref, micro, args
+
+
+def test_a_step_without_any_reward_changes_nothing():
+    # AdamW on a zero gradient would still move the weights (momentum, weight decay): the step is skipped whole
+    net, params, opt, old, ema, ref, micro, args = _update_setup()
+    before = R.clone_weights(params)
+    assert R.nft_step(net, params, opt, old, ema, ref, micro, 0, 0, args, 1) is None
+    assert all(torch.equal(a, b) for a, b in zip(params, before)) and not opt.state
+    assert all(torch.equal(a, b) for w in (old, ema) for a, b in zip(w, before))
+
+
+def test_soft_updates_count_the_optimizer_steps_done():
+    net, params, opt, old, ema, ref, micro, args = _update_setup()
+    old0, step = R.clone_weights(params), 7
+    R.nft_step(net, params, opt, old, ema, ref, micro, 3, step, args, 1)
+    d_old, d_ema = R.old_policy_decay(step + 1), R.ema_decay(step + 1)  # 0.008 and 9/18 (release: post-increment)
+    assert d_old == pytest.approx(0.008) and d_ema == pytest.approx(0.5)
+    for p, o, e, p0 in zip(params, old, ema, old0):
+        assert torch.allclose(o, d_old * p0 + (1 - d_old) * p.detach()) and torch.allclose(e, d_ema * p0 + (1 - d_ema) * p.detach())
+
+
+def test_the_loss_scale_is_the_advantage_clip():
+    sums = {}
+    for clip in (5.0, 2.0):
+        net, params, opt, old, ema, ref, micro, args = _update_setup(kl_weight=0.0, adv_clip=clip)
+        sums[clip] = R.nft_step(net, params, opt, old, ema, ref, micro, 3, 0, args, 1)[1].item()
+    assert sums[2.0] == pytest.approx(sums[5.0] * 2 / 5)
+
+
+def test_both_rl_scripts_take_the_same_update():
+    import rl_edit
+    assert rl_edit.nft_step is R.nft_step  # one update: rl_edit has no inline copy to drift apart
+
+
 def test_x0_from_v_inverts_the_interpolation():
     x0, eps, t, x_t = _toy_batch()
     assert torch.allclose(R.x0_from_v(x_t, eps - x0, t), x0, atol=1e-6)
 
 
-def test_flow_timesteps_shift():
-    assert R.flow_timesteps(2, shift=1.0).tolist() == [1.0, 0.5, 0.0]
-    assert R.flow_timesteps(2, shift=3.0).tolist() == pytest.approx([1.0, 0.75, 0.0])  # 3 * .5 / (1 + 2 * .5)
+def _levels(steps, shift=1.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    return R.noise_levels(FlowMatchEulerDiscreteScheduler(shift=shift), steps)
+
+
+def test_noise_levels_are_the_release_sd35_schedule():
+    # the release samples SD3.5-Medium on its scheduler's sigmas (set_timesteps(10), shift 3), not on a shifted
+    # linspace(1, 0, 11) (which gives [1, .964, ..., .429, .25, 0]: one jump from .25 to the clean image)
+    release = [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
+    assert _levels(10, shift=3.0).tolist() == pytest.approx(release, abs=1e-4)
+
+
+def test_noise_levels_follow_the_saved_sd35_scheduler_config(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    # stable-diffusion-3.5-medium/scheduler/scheduler_config.json, as the hub ships it
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.31.0.dev0", "base_image_seq_len": 256,
+        "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000,
+        "shift": 3.0, "shift_terminal": None, "use_beta_sigmas": False, "use_dynamic_shifting": False,
+        "use_exponential_sigmas": False, "use_karras_sigmas": False}))
+    levels = R.noise_levels(FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path), 10)
+    assert levels.tolist() == pytest.approx(_levels(10, shift=3.0).tolist()) and levels[-2] < 0.01
 
 
 # -----------------------------------------------------------------------------
-# the sampler on stand-in networks with closed-form velocities
+# the sampler on stand-in networks with closed-form velocities (on a uniform grid of noise levels)
+
+
+def _uniform(steps):
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
 
 def test_sampler_is_exact_for_a_point_mass():
     # data = one point c: v(x, t) = (x - c) / t exactly, x0_hat = c at every step
     c = torch.randn(3, 2, 2)
     x_T = torch.randn(4, 3, 2, 2)
-    x0, xs = R.ode_sample(lambda x, t: (x - c) / t.view(-1, 1, 1, 1), x_T, R.flow_timesteps(10, 3.0))
+    x0, xs = R.ode_sample(lambda x, t: (x - c) / t.view(-1, 1, 1, 1), x_T, _uniform(10))
     assert len(xs) == 11 and torch.allclose(x0, c.expand_as(x0), atol=1e-5)
-    assert torch.allclose(xs[5], R.rectified_flow_interp(c, x_T, R.flow_timesteps(10, 3.0)[5].item()), atol=1e-5)
+    assert torch.allclose(xs[5], R.rectified_flow_interp(c, x_T, _uniform(10)[5].item()), atol=1e-5)
 
 
 def _gaussian_velocity(mu, s):
@@ -186,8 +258,8 @@ def test_sampler_reproduces_the_closed_form_gaussian_flow_and_beats_euler():
     f = _gaussian_velocity(0.7, 0.3)
     eps = torch.linspace(-3, 3, 13, dtype=torch.float64).view(1, 13, 1, 1)
     exact = 0.7 + 0.3 * eps
-    err = {n: (R.ode_sample(f, eps, R.flow_timesteps(n))[0] - exact).abs().max().item() for n in (10, 40)}
-    euler10 = (_euler(f, eps, R.flow_timesteps(10)) - exact).abs().max().item()
+    err = {n: (R.ode_sample(f, eps, _uniform(n))[0] - exact).abs().max().item() for n in (10, 40)}
+    euler10 = (_euler(f, eps, _uniform(10)) - exact).abs().max().item()
     assert err[40] < 0.01 and err[10] < 0.1 and err[40] < err[10] and err[10] < 0.5 * euler10
 
 
