@@ -69,8 +69,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (DataError, MetricsLog, cleanup_dist, die, every, image_grid, load_image, pil_to_tensor, plot_curves,
-                    print0, read_jsonl, seed_everything, setup_dist, tensor_to_pil, write_json)
+from common import (DataError, MetricsLog, cleanup_dist, die, every, fill_from_rank0, full_state_of, image_grid, load_image,
+                    load_on_rank0, pil_to_tensor, plot_curves, print0, read_jsonl, save_diffusers_model, seed_everything, setup_dist,
+                    tensor_to_pil, write_json)
 from rl_gen import (clone_weights, find_checkpoint, full_weights, group_advantages, load_checkpoint, nft_step, noise_levels,
                     ode_sample, optimality_probability, rectified_flow_interp, save_checkpoint, use_weights)
 
@@ -114,15 +115,16 @@ class Editor:
         return 2 * self.space_to_depth  # latents are packed 2x2
 
 
-def load_editor(model_dir, lora_dir=None, device=None, dtype=None, resolution=None, transformer_dtype=None, place=True):
-    """A Qwen-Image-Edit directory (diffusers layout) -> Editor. lora_dir: a diffusers LoRA to load.
+def load_editor(model_dir, lora_dir=None, device=None, dtype=None, resolution=None, transformer_dtype=None, place=True, rank=0):
+    """A Qwen-Image-Edit-2509 directory (diffusers layout) -> Editor. lora_dir: a diffusers LoRA to load.
 
     dtype: of the frozen parts and, by default, the transformer (bf16 on GPU, fp32 on CPU). place=False keeps
     the transformer and text encoder on the CPU: fully_shard moves them to the GPU block by block, so a rank
-    never holds a whole 20B transformer on its GPU.
+    never holds a whole 20B transformer on its GPU. rank > 0 (training): the transformer and text encoder are
+    empty skeletons (parameters on the meta device) that shard() fills from rank 0 (common.load_on_rank0).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
     model_dir = Path(model_dir)
     for sub in ("transformer", "text_encoder", "processor", "scheduler"):
         if not (model_dir / sub).is_dir():
@@ -136,8 +138,15 @@ def load_editor(model_dir, lora_dir=None, device=None, dtype=None, resolution=No
                         "pipeline; use Qwen-Image-Edit-2509")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    transformer = QwenImageTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=transformer_dtype or dtype)
-    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir / "text_encoder", dtype=dtype).eval()
+    tdt = transformer_dtype or dtype
+    transformer = load_on_rank0(
+        lambda: QwenImageTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=tdt),
+        lambda: QwenImageTransformer2DModel.from_config(QwenImageTransformer2DModel.load_config(model_dir / "transformer")).to(tdt),
+        rank)
+    text_encoder = load_on_rank0(
+        lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir / "text_encoder", dtype=dtype),
+        lambda: Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(model_dir / "text_encoder"), dtype=dtype),
+        rank).eval()
     text_encoder.requires_grad_(False)
     processor = AutoProcessor.from_pretrained(model_dir / "processor")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
@@ -433,10 +442,12 @@ def add_lora(transformer, rank, alpha):
 
 def shard(editor, world):
     """FSDP2: every transformer block, then the root; the frozen text encoder likewise (its decoder layers,
-    the vision tower, the root), so a 7B encoder is split across ranks too."""
+    the vision tower, the root), so a 7B encoder is split across ranks too. Then rank 0's weights (the only
+    rank that read the checkpoint) are broadcast into every rank's shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     dev = editor.device
+    full = [full_state_of(m, dist.get_rank()) for m in (editor.transformer, editor.text_encoder)]
     mesh = init_device_mesh(dev.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dev.type == "cuda" else MixedPrecisionPolicy()
     for block in editor.transformer.transformer_blocks:
@@ -447,6 +458,8 @@ def shard(editor, world):
         fully_shard(layer, mesh=mesh)
     fully_shard(te.model.visual, mesh=mesh)
     fully_shard(te, mesh=mesh)
+    for m, sd in zip((editor.transformer, te), full):
+        fill_from_rank0(m, sd, dev)
 
 
 # -----------------------------------------------------------------------------
@@ -500,15 +513,13 @@ def save_lora(out_dir, model, params, values, lora_cfg, rank, sidecar):
 
 
 def save_transformer(out_dir, editor, params, values, rank, sidecar):
-    """Full fine-tuning: the whole transformer with `values` in, as a diffusers model folder."""
-    from safetensors.torch import save_file
+    """Full fine-tuning: the whole transformer with `values` in, as a diffusers model folder in the frozen parts'
+    dtype (bf16 on GPU), sharded."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     with use_weights(editor.transformer, params, values):
         sd = get_model_state_dict(editor.transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        editor.transformer.save_config(out_dir)
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(out_dir) / "diffusion_pytorch_model.safetensors"))
+        save_diffusers_model(out_dir, editor.transformer, sd, editor.dtype)
         write_json(Path(out_dir) / "rl_edit.json", sidecar)
 
 
@@ -628,7 +639,7 @@ def main(args):
         if args.reward.startswith("pixel") and any("toy" not in r for r in records):
             raise DataError(f"{args.prompts}: --reward {args.reward} needs the miniature world's records (field 'toy')")
         # LoRA: frozen base in the compute dtype, fp32 adapters; full fine-tuning: fp32 master weights
-        editor = load_editor(args.model, device=device, resolution=args.resolution, place=False,
+        editor = load_editor(args.model, device=device, resolution=args.resolution, place=False, rank=rank,
                              transformer_dtype=torch.float32 if args.full_finetune else None)
     except DataError as e:
         die(str(e))

@@ -63,7 +63,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from common import (DataError, MetricsLog, cleanup_dist, die, every, image_grid, load_image, load_weights, plot_curves,
-                    print0, read_jsonl, read_jsonl_resumable, save_weights, setup_dist, tensor_to_pil, write_json,
+                    print0, read_jsonl, read_jsonl_resumable, save_diffusers_model, save_weights, setup_dist, tensor_to_pil, write_json,
                     write_jsonl)
 
 # -----------------------------------------------------------------------------
@@ -310,8 +310,8 @@ def ode_sample(velocity_fn, x_T, timesteps):
 class Generator:
     """The parts of a StableDiffusion3Pipeline that RL uses. `vae` is None in the miniature world."""
 
-    def __init__(self, pipe, device, max_sequence_length=128):
-        self.pipe, self.device = pipe, device
+    def __init__(self, pipe, device, max_sequence_length=128, dtype=torch.float32):
+        self.pipe, self.device, self.dtype = pipe, device, dtype  # dtype: of the frozen parts (and of saved weights)
         self.transformer, self.vae = pipe.transformer, pipe.vae
         self.shift = float(pipe.scheduler.config.get("shift", 1.0))  # SD3's timestep shift (3.0 for SD3.5-M)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
@@ -350,7 +350,7 @@ def load_generator(model_dir, lora_dir=None, device=None, dtype=None, transforme
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae, pipe.transformer):
         if m is not None:
             m.requires_grad_(False).eval().to(device)
-    return Generator(pipe, device, max_sequence_length)
+    return Generator(pipe, device, max_sequence_length, dtype)
 
 
 def encode_prompts(gen, prompts):
@@ -529,15 +529,15 @@ def load_checkpoint(ckpt, model, params, opt, strict=True):
 
 def save_policy(out, gen, model, params, ema, args, rank, sidecar):
     """The EMA weights, in the format diffusers loads: a LoRA file (load_lora_weights) or a transformer dir."""
-    sd = full_weights(model, params, ema)
+    if args.full_finetune:  # the whole transformer (with its buffers), as a diffusers folder in the base's dtype
+        with use_weights(model, params, ema):
+            sd = get_model_state_dict(model, options=FULL)  # collective
+    else:
+        sd = full_weights(model, params, ema)
     if rank != 0:
         return
     if args.full_finetune:
-        from diffusers import SD3Transformer2DModel
-        tr = SD3Transformer2DModel.from_config(gen.transformer.config)
-        missing = set(tr.load_state_dict(sd, strict=False).missing_keys) - {n for n, _ in tr.named_buffers()}
-        assert not missing, f"full fine-tune save: weights missing {sorted(missing)[:5]}"  # (fixed buffers are rebuilt)
-        tr.save_pretrained(Path(out) / "transformer")
+        save_diffusers_model(Path(out) / "transformer", gen.transformer, sd, gen.dtype)
         write_json(Path(out) / "transformer" / "rl_gen.json", sidecar)
         return
     from diffusers import StableDiffusion3Pipeline

@@ -33,7 +33,8 @@ from it with the identical data order, so a killed run loses only the steps sinc
 
 Departures from the paper (which used LLaMA-Factory + DeepSpeed):
   1. Hand-written FSDP2: fully_shard on each decoder layer, on the vision tower, then on the root.
-     Every rank loads the full checkpoint on CPU before sharding (simple; costs host RAM, not GPU).
+     Only rank 0 reads the checkpoint; the other ranks build an empty skeleton and receive their shards
+     by broadcast (one host copy per node, not one per rank).
   2. The loss is the mean over ALL answer tokens of the global batch (sum / token count, counted
      across ranks and micro-batches), so 1 rank and N ranks give the same curve for the same global
      batch. LLaMA-Factory averages per micro-batch first, weighting short answers more.
@@ -63,8 +64,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from common import (DataError, MetricsLog, cleanup_dist, die, every, load_image, plot_curves, print0, read_jsonl,
-                    read_jsonl_resumable, seed_everything, setup_dist, write_json, write_jsonl)
+from common import (DataError, MetricsLog, cleanup_dist, die, every, fill_from_rank0, full_state_of, load_image,
+                    load_on_rank0, plot_curves, print0, read_jsonl, read_jsonl_resumable, seed_everything, setup_dist,
+                    write_json, write_jsonl)
 from reward import IMAGE, N_SCORES, content_parts, parse_score
 
 # Qwen3-VL returns its per-image features as views; FSDP2 warns in case they are modified in place.
@@ -326,19 +328,27 @@ def lr_at(step, total, warmup, peak):
 # model: load, shard (FSDP2), save
 
 
-def load_base(path):
+def load_base(path, rank):
+    """(model, processor, dtype of the checkpoint). Only rank 0 reads the weights (common.load_on_rank0); they reach
+    the other ranks' shards in shard(). fp32 master weights; on GPU the FSDP mixed-precision policy computes in bf16."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    if not Path(path).is_dir():  # never a hub download
+        die(f"--model {path}: no such model directory")
     processor = AutoProcessor.from_pretrained(path)
     if processor.tokenizer.chat_template is None and getattr(processor, "chat_template", None):
         processor.tokenizer.chat_template = processor.chat_template
-    save_dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float32
-    # fp32 master weights everywhere; on GPU the FSDP mixed-precision policy computes in bf16
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path)
+    save_dtype = getattr(config, "dtype", None) or torch.float32
+    save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype
+    model = load_on_rank0(lambda: AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32),
+                          lambda: AutoModelForImageTextToText.from_config(config, dtype=torch.float32), rank)
     return model, processor, save_dtype
 
 
 def shard(model, device, world):
-    """FSDP2 as in torchtitan: each decoder layer, the vision tower, then the root (embeddings, head)."""
+    """FSDP2 as in torchtitan: each decoder layer, the vision tower, then the root (embeddings, head); then rank 0's
+    weights are broadcast into every rank's shards."""
+    full = full_state_of(model, dist.get_rank())
     mesh = init_device_mesh(device.type, (world,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
           else MixedPrecisionPolicy())  # fp32 on CPU
@@ -347,6 +357,7 @@ def shard(model, device, world):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(inner.visual, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    fill_from_rank0(model, full, device)
     return model
 
 
@@ -501,7 +512,7 @@ def main(args):
     # ---- model (resume: the checkpoint directory is itself a model directory)
     ckpt = out / "checkpoint"
     resume = args.resume and (ckpt / "trainer_state.json").is_file()
-    model, processor, save_dtype = load_base(ckpt if resume else args.model)
+    model, processor, save_dtype = load_base(ckpt if resume else args.model, rank)
     if resume:  # the checkpoint is fp32; the final model keeps the BASE model's dtype
         from transformers import AutoConfig
         save_dtype = getattr(AutoConfig.from_pretrained(args.model), "dtype", None) or torch.float32

@@ -148,9 +148,9 @@ class StubLM(torch.nn.Module):
     """Stands in for the VLM: the same next-token logits at every position; records its inputs.
     generate() appends canned answers (cycled) instead of decoding."""
 
-    def __init__(self, tok, logits=None, answers=()):
+    def __init__(self, tok, logits=None, answers=(), eos=True):
         super().__init__()
-        self.tok, self.logits, self.answers, self.seen = tok, logits, list(answers), []
+        self.tok, self.logits, self.answers, self.seen, self.eos, self.configs = tok, logits, list(answers), [], eos, []
         self.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
     def forward(self, input_ids, attention_mask, logits_to_keep=0, **kw):
@@ -158,8 +158,10 @@ class StubLM(torch.nn.Module):
         return type("Out", (), {"logits": self.logits.expand(input_ids.shape[0], 1, -1)})
 
     def generate(self, input_ids, generation_config, **kw):
-        n = input_ids.shape[0] * generation_config.num_return_sequences
-        ans = [self.tok.encode(self.answers[i % len(self.answers)], add_special_tokens=False) + [self.tok.eos_token_id] for i in range(n)]
+        self.configs.append(generation_config)
+        n, limit = input_ids.shape[0] * generation_config.num_return_sequences, generation_config.max_new_tokens
+        ans = [(self.tok.encode(self.answers[i % len(self.answers)], add_special_tokens=False) + [self.tok.eos_token_id] * self.eos)[:limit]
+               for i in range(n)]
         width = max(map(len, ans))
         ans = torch.tensor([a + [self.tok.pad_token_id] * (width - len(a)) for a in ans])
         return torch.cat([input_ids.repeat_interleave(generation_config.num_return_sequences, 0), ans], 1)
@@ -229,6 +231,43 @@ def test_generated_answers_are_parsed_and_failures_reported_with_the_text(proces
     a, b = critic.score("execution", edit_items(2))
     assert a.ok and a.scores == [4] and a.how == "json" and a.text == '{"reasoning": "done", "score": [4]}'
     assert not b.ok and b.scores is None and b.text == "I cannot judge this." and b.error == "no score found"
+
+
+def test_an_answer_cut_by_the_length_limit_is_a_failure_of_its_own_kind(processor):
+    critic = stub_critic(processor, answers=["Let me check every item of the prompt in turn: first the red circle"], eos=False)
+    critic.max_new_tokens = 6
+    j = critic.score("execution", edit_items(1))[0]
+    assert not j.ok and j.how == "cut" and "max_new_tokens=6" in j.error
+    critic.model.eos, critic.model.answers = True, ["No."]  # ended by the critic: an ordinary failure
+    k = critic.score("execution", edit_items(1))[0]
+    assert not k.ok and k.how == "failed"
+    _, stats = reward.fuse_judgements({"execution": [j, k], "consistency": [k, k]}, "cme")
+    assert stats["cut"] == {"execution": 1, "consistency": 0} and stats["failed"] == 2
+
+
+def test_answer_limits_default_to_the_releases_per_mode(processor):
+    critic = stub_critic(processor, answers=['{"score": [3]} \\boxed{3}'])
+    critic.score("execution", edit_items(1))
+    critic.score("instruction", [{"image": img(), "prompt": "a red circle"}])
+    assert [c.max_new_tokens for c in critic.model.configs] == [256, 8192]  # the edit and gen reward servers' limits
+
+
+def test_the_gen_instruction_score_reads_boxed_first_like_the_release():
+    both = 'Checklist done. {"score": [2]}\nFinal Alignment Rating: 3\n\\boxed{4}'
+    assert reward.parse_score(both, 1, "instruction").scores == [4]
+    assert reward.parse_score(both, 1, "execution").scores == [2]  # every other mode: JSON first
+    rating = '{"score": [2]} **Final Alignment Rating**: [3]'
+    assert reward.parse_score(rating, 1, "instruction").scores == [3] and reward.parse_score(rating, 1).scores == [2]
+
+
+def test_prompt_files_are_format_templates_like_the_releases(tmp_path):
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps({"execution": 'Instruction: {instruction}\nAnswer as {{"reasoning": "...", "score": [n]}}'}))
+    turn = reward.build_prompt("execution", "Remove the cat.", prompts=reward.load_prompts(f))
+    assert turn.endswith('Answer as {"reasoning": "...", "score": [n]}') and "{{" not in turn
+    f.write_text(json.dumps({"execution": 'Answer as {"score": [n]} for {instruction}'}))  # unescaped braces
+    with pytest.raises(ValueError, match="str.format template"):
+        reward.load_prompts(f)
 
 
 def test_self_ensemble_is_the_mean_of_the_samples_that_parsed(processor):

@@ -389,3 +389,20 @@ def test_torchrun_two_ranks_train_the_same_policy_as_one(tiny, tmp_path):
     assert len(two) == 1 and two[0]["parse_fail"] == 0 and two[0]["reward"] == one[0]["reward"]  # same samples
     a, b = (load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in ("two", "one"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # up to summation order
+
+
+def test_a_full_fine_tune_is_saved_sharded_in_the_given_dtype_and_reloads(tmp_path):
+    from diffusers import SD3Transformer2DModel
+    from common import save_diffusers_model
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                               pooled_projection_dim=8, pos_embed_max_size=8)
+    save_diffusers_model(tmp_path / "transformer", tr, tr.state_dict(), torch.bfloat16, max_shard_size="20KB")
+    files = sorted(p.name for p in (tmp_path / "transformer").iterdir())
+    assert "diffusion_pytorch_model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 1
+    from safetensors.torch import load_file
+    on_disk = [t.dtype for f in files if f.endswith(".safetensors") for t in load_file(tmp_path / "transformer" / f).values()]
+    assert set(on_disk) == {torch.bfloat16}  # 2 bytes a weight, not the fp32 master weights' 4
+    back = SD3Transformer2DModel.from_pretrained(tmp_path / "transformer", torch_dtype=torch.bfloat16)
+    assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(back.state_dict().values(), tr.state_dict().values()))
