@@ -33,7 +33,9 @@ Departures from the paper and its release:
      judgement it was never trained to give: benchmarks/bench_reward.py measures how far it lies from the
      generated score before you trust it.
   4. Beyond the paper: samples=N, EditScore-style self-ensembling (mean of N sampled answers).
-  5. Scores are normalised as (s - 1) / 4 (the paper); the release's default divides by 5.
+  5. Scores are normalised as (s - 1) / 4, as the release's CME config ("range_1_5") and gen reward do.
+  6. Answer limits per mode are the release's (MAX_NEW_TOKENS: 256 edit, 8192 gen); an answer that hits the
+     limit without a score is counted as "cut", apart from other parse failures.
 """
 
 import argparse

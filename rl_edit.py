@@ -15,6 +15,8 @@ default; what is saved is the EMA of the adapters, as a diffusers LoRA file.
         --prompts edits.jsonl --reward-model /ckpt/FIRM-Edit-8B --out ckpt/firm-qwen-edit
     python rl_edit.py ... --reward-url http://critic-host:8765   # critic served by `python reward.py serve`
 
+Accepts Qwen-Image-Edit-2509 checkpoints (QwenImageEditPlusPipeline), as the release trains; others are refused.
+
 Prompt records (JSONL): {"id", "prompt" (the instruction), "image" (path relative to the JSONL file),
 "requirement" (optional, passed to the critic)}; the miniature world's also carry "toy" (scenes) for the
 independent pixel judge. Output (--out), laid out like rl_gen.py's: pytorch_lora_weights.safetensors (the EMA
@@ -41,7 +43,9 @@ Departures from the paper / release:
      (for LoRA: the adapters; the reference is the adapters at step 0, B = 0, i.e. the base model).
   4. Each rank scores its own edits (a critic per rank, or all ranks call one server); a critic answer
      that does not parse gives no reward: the edit is dropped from its group (counted as parse_failures).
-  5. The paper gives no edit learning rate: 3e-4 is the release's gen value.
+  5. Defaults follow the release's editing configs where the paper is silent or differs (each flag's help
+     names its source): lr 1.5e-3, 24 prompts x 12 edits per step, 15 evaluation sampler steps; 150 steps as
+     the paper. The LoRA is trained and saved guidance-free: sample it with true_cfg_scale=1.0.
   6. Miniature world (--preset mini): a tiny Qwen-Image editor of the real classes (toy.py pretrain-edit)
      with no VAE: its "latents" are the 32 px pixels rearranged space-to-depth (lossless, handled in
      encode_latents / decode_latents only); the critic sees the edits upsampled to 64 px. The preset

@@ -22,6 +22,10 @@ one per rank, so the group size need not divide the number of GPUs; rewards are 
       --prompts prompts.jsonl --test-prompts test.jsonl --reward-model /ckpt/FIRM-Gen-8B --out runs/firm-sd35
   (or --reward-url http://host:8765 to score with reward.py's server instead of an in-process critic)
 
+The policy is trained without classifier-free guidance: sample the saved LoRA with guidance_scale=1.0 (the
+pipeline's default 7.0 is a different sampler from the one the critic rewarded). Rollouts use the checkpoint's
+own scheduler noise levels (noise_levels), the release's 128 T5 tokens and an fp32 VAE.
+
 Outputs in --out: pytorch_lora_weights.safetensors (the EMA LoRA; pipe.load_lora_weights(out) reads it) with
 its sidecar pytorch_lora_weights.json (or transformer/ with --full-finetune), metrics.jsonl and eval.jsonl,
 reward_curve.png, samples_grid.png (held-out prompts x evaluation steps), checkpoint/ (resume with --resume).
