@@ -284,3 +284,14 @@ def test_torchrun_with_2_processes_gives_the_single_process_result(editor_dir, m
     assert two[1]["eval_pixel"] == pytest.approx(one[1]["eval_pixel"], abs=1e-6)
     a, b = lora_file(tmp_path / "one"), lora_file(tmp_path / "two")  # rank 0 wrote the gathered adapters
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_checkpoint_other_than_edit_2509_is_refused_with_the_reason(editor_dir, tmp_path):
+    # the original Qwen-Image-Edit conditions unlike the 2509 pipeline whose template rl_edit encodes with
+    import shutil
+    other = tmp_path / "qwen-image-edit"
+    shutil.copytree(editor_dir, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps(dict(index, _class_name="QwenImageEditPipeline")))
+    with pytest.raises(rl_edit.DataError, match="QwenImageEditPlusPipeline"):
+        rl_edit.load_editor(other, device="cpu")
