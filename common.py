@@ -110,7 +110,7 @@ def fill_from_rank0(model, full_state, device):
     parameters tied (loading into meta parameters would replace each name with a parameter of its own); the
     buffers that to_empty would blank (RoPE tables: no state dict carries them) are kept as they were built."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    if any(p.is_meta or getattr(p, "_local_tensor", p).is_meta for p in model.parameters()):
+    if any((p.to_local() if hasattr(p, "to_local") else p).is_meta for p in model.parameters()):
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         model.to_empty(device=device)
         with torch.no_grad():
