@@ -59,8 +59,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-from common import (DataError, append_jsonl, cleanup_dist, die, image_grid, load_image, plot_curves, print0,
-                    read_jsonl, read_jsonl_resumable, setup_dist, write_json, write_jsonl)
+from common import (DataError, append_jsonl, check_field, check_image, cleanup_dist, die, image_grid, load_image,
+                    note_outside, plot_curves, print0, read_jsonl_lines, read_jsonl_resumable, read_manifest, setup_dist, write_json,
+                    write_jsonl)
 
 SPLIT_MODE = {"execution": "execution", "consistency": "consistency", "gen": "instruction"}
 M = "runs/mini"
@@ -168,6 +169,8 @@ LAYOUTS = {
              fields={"id": "id", "image": "image.0", "prompt": "prompt",
                      "human_score": "instruction_following.score.0"})]}
 KNOWN_FIELDS = {"id", "source", "edited", "instruction", "image", "prompt", "difficulty", "human_score"}
+BENCH_FIELDS = {"id": "id", "source": "image?", "edited": "image?", "image": "image?", "instruction": "text?",
+                "prompt": "text?"}  # (common.FIELD_KINDS) which of them a split needs, its layout says
 _MISSING = object()
 
 
@@ -189,19 +192,22 @@ def _lines(path):
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return list(enumerate(json.loads(text), 1))
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            out += [(n, json.loads(line))] if line.strip() else []
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return out
+    if not text.lstrip().startswith("["):
+        return read_jsonl_lines(path)
+    try:
+        rows = list(enumerate(json.loads(text), 1))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: not a valid JSON list ({getattr(e, 'msg', 'nested too deeply')})") from None
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {n}: expected a JSON object, got {type(row).__name__}")
+    return rows
 
 
-def read_bench(bench_dir, layout="mini", field_map=None, limit=None):
-    """Items {key, split, mode, id, human_score, root, source/edited/instruction | image/prompt/difficulty[, toy]}."""
+def read_bench(bench_dir, layout="mini", field_map=None, limit=None, check_images=False):
+    """Items {key, split, mode, id, human_score, root, source/edited/instruction | image/prompt/difficulty[, toy]}.
+    Every field's type is checked; with check_images (a critic that looks at the pixels) also that every image is
+    there and decodes, before anything is scored."""
     bench_dir, items = Path(bench_dir), []
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}")
@@ -217,7 +223,7 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None):
         scores = {}  # the release keeps the human scores in a second file, joined by id
         if spec.get("scores") and (bench_dir / spec["scores"]).is_file():
             scores = {str(get_path(r, fields["id"])): r for _, r in _lines(bench_dir / spec["scores"])}
-        seen, rows = set(), []
+        seen, rows, images = set(), [], []
         for n, raw in _lines(path):
             row = {**raw, **scores.get(str(get_path(raw, fields["id"])), {})}
             if spec.get("skip_unscored") and get_path(row, fields["human_score"]) is _MISSING:
@@ -229,6 +235,12 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None):
                     raise DataError(f"{path}:{n}: missing field '{name}' (looked for '{fpath}'"
                                     f"{' here and in ' + spec['scores'] if spec.get('scores') else ''}); "
                                     f"map it with --field-map '{{\"{split}.{name}\": \"...\"}}'")
+            for name, kind in BENCH_FIELDS.items():
+                for image in check_field(item, name, kind, f"{path}:{n}") if name in fields else []:
+                    if not check_images:
+                        continue
+                    check_image(Path(item["root"]) / image, True, f"{path}:{n}: field '{name}' ('{fields[name]}')")
+                    images.append(Path(item["root"]) / image)
             h = item["human_score"]
             if isinstance(h, bool) or not isinstance(h, (int, float)) or not 1 <= h <= 5:
                 raise DataError(f"{path}:{n}: field 'human_score' ('{fields['human_score']}') = {h!r} "
@@ -237,12 +249,13 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None):
                 item["difficulty"] = next((d for p, d in spec.get("difficulty_by_prefix", {}).items()
                                            if str(item["image"]).startswith(p)), "unknown")
             if item["id"] in seen:
-                raise DataError(f"{path}:{n}: duplicate id '{item['id']}'")
+                raise DataError(f"{path}:{n}: field 'id' ('{fields['id']}'): duplicate {item['id']!r}")
             seen.add(item["id"])
             item["key"] = f"{split}/{item['id']}"
             rows.append({**item, "toy": row["toy"]} if "toy" in row else item)
         if not rows:
             raise DataError(f"{path}: no item of split '{split}' (field '{fields['human_score']}' found in no row)")
+        note_outside(path, images, bench_dir)
         items += rows[:limit]
     return items
 
@@ -269,11 +282,16 @@ def parse_critic(arg, sft_dir):
     return m.group(1), spec, m.group(3) or "all", note
 
 
+def looks_at_pixels(spec):
+    """A model critic (a directory or a server) reads the images; the baselines and prediction files do not."""
+    return not spec.startswith(("constant", "file:", "oracle"))
+
+
 def constant_scores(sft_dir):
     """The training-set mean score per mode, rounded: the best constant predictor one can know in advance."""
     out = {}
     for kind in ("edit", "gen"):
-        for r in read_jsonl(Path(sft_dir) / f"{kind}_train.jsonl", required=("mode", "score")):
+        for r in read_manifest(Path(sft_dir) / f"{kind}_train.jsonl", {"mode": "str", "score": "scores"}):
             if not isinstance(r["score"], list):
                 out.setdefault(r["mode"], []).append(r["score"])
     return {m: int(round(float(np.mean(v)))) for m, v in out.items()}
@@ -299,7 +317,7 @@ def make_scorer(spec, args, device):
         const = {m: int(spec[9:]) for m in SPLIT_MODE.values()} if ":" in spec else constant_scores(args.sft_dir)
         answer = lambda mode, it: json.dumps({"score": [const[mode]]})
     elif spec.startswith("file:"):  # predictions made elsewhere; an id absent from the file is 'missing'
-        rows = {(r.get("mode"), str(r["id"])): r for r in read_jsonl(spec[5:], required=("id",))}
+        rows = {(r.get("mode"), str(r["id"])): r for r in read_manifest(spec[5:], {"id": "id", "mode": "str?"}, unique=None)}
 
         def answer(mode, it):
             r = rows.get((mode, str(it["id"]))) or rows.get((None, str(it["id"])))
@@ -465,11 +483,16 @@ def critics_markdown(res):
 
 def run_critics(args):
     rank, world, device = setup_dist()
-    items = read_bench(args.bench_dir, args.layout, json.loads(args.field_map) if args.field_map else None, args.limit)
+    critics = [parse_critic(c, args.sft_dir) for c in args.critic]
+    for name, _, _, note in critics:
+        if note and not args.preset_critics:  # a critic the user named must run; the preset's may not exist yet
+            raise DataError(f"--critic {name}: {note}")
+    looks = any(note is None and looks_at_pixels(spec) for _, spec, _, note in critics)
+    items = read_bench(args.bench_dir, args.layout, json.loads(args.field_map) if args.field_map else None, args.limit, looks)
     print0(f"bench {args.bench_dir} ({args.layout}): " + ", ".join(f"{s} {sum(it['split'] == s for it in items)}"
                                                                     for s in SPLIT_MODE) + f" items; {world} rank(s)")
     out, res = Path(args.out), {"bench_dir": str(args.bench_dir), "layout": args.layout, "critics": {}}
-    for name, spec, scope, note in (parse_critic(c, args.sft_dir) for c in args.critic):
+    for name, spec, scope, note in critics:
         if note:
             print0(f"[{name}] skipped: {note}")
             res["critics"][name] = {"spec": spec, "note": f"skipped: {note}"}
@@ -521,7 +544,9 @@ def score_files(out, variant):
 
 def run_policy(args):
     rank, world, device = setup_dist()
-    recs = read_jsonl(args.prompts, required=("id", "prompt"))[:args.limit]
+    fields = {"id": "id", "prompt": "text", "image": "image" if args.kind == "edit" else "image?", "requirement": "str?",
+              "toy": "dict?"}
+    recs = read_manifest(args.prompts, fields, images="decode" if args.kind == "edit" else "exist")[:args.limit]
     if args.judge == "pixel" and any("toy" not in r for r in recs):
         die(f"{args.prompts}: --judge pixel needs the miniature world's 'toy' field in every record; "
             "use --judge critic:PATH")
@@ -699,6 +724,7 @@ def get_args(argv=None):
     # report
     r.add_argument("--root", default="runs/mini", help="pipeline root to gather")
     args = ap.parse_args(argv)
+    args.preset_critics = args.cmd == "critics" and args.critic is None and args.preset is not None
     for k, v in PRESETS.get(args.preset, {}).get(" ".join([args.cmd, getattr(args, "kind", "")]).strip(), {}).items():
         if getattr(args, k) is None:  # the preset fills what the user did not give
             setattr(args, k, v)

@@ -45,6 +45,7 @@ import io
 import json
 import os
 import random
+import shutil
 import sys
 import time
 import urllib.request
@@ -54,7 +55,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import toy
-from common import DataError, append_jsonl, load_image, read_jsonl, read_jsonl_resumable, write_json, write_jsonl
+from common import (append_jsonl, check_model_dir, load_image, read_jsonl, read_jsonl_resumable, read_manifest, replace_dir,
+                    run_stage, write_json, write_jsonl)
 from reward import EDIT_MODES, GEN_MODES, IMAGE, N_SCORES, build_prompt, content_parts, mark_images, parse_score
 
 # -----------------------------------------------------------------------------
@@ -210,7 +212,7 @@ def make_backend(args):
     if not args.judge_model:
         sys.exit("error: --judge-model is required for --judge transformers/openai")
     if args.judge == "transformers":
-        return TransformersBackend(args.judge_model, args.max_new_tokens)
+        return TransformersBackend(check_model_dir(args.judge_model, "--judge-model"), args.max_new_tokens)
     if not args.judge_url:
         sys.exit("error: --judge-url is required for --judge openai")
     return OpenAIBackend(args.judge_url, args.judge_model, args.max_new_tokens)
@@ -494,14 +496,18 @@ def write_toy_rl(args, root):
 
 
 def build_critic_base(root, args):
-    """The tiny Qwen3-VL critic base, its tokenizer trained on the world's prompts and answers."""
+    """The tiny Qwen3-VL critic base, its tokenizer trained on the world's prompts and answers. Built under a
+    temporary name and renamed when complete: a killed build is built again, never taken for a finished one."""
     out = root.parent / "models" / "critic-base"
     if (out / "config.json").exists():
         return out
     texts = []
     for f in sorted((root / "sft").glob("*.jsonl")):
         texts += [m["content"] for r in read_jsonl(f) for m in r["messages"]]
-    n = toy.build_tiny_critic(out, texts, image_size=args.size, vision_steps=args.critic_vision_steps, seed=args.seed)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    n = toy.build_tiny_critic(tmp, texts, image_size=args.size, vision_steps=args.critic_vision_steps, seed=args.seed)
+    replace_dir(tmp, out)
     print(f"built tiny critic base ({n / 1e6:.2f} M params, Qwen3VLForConditionalGeneration, vision tower pre-trained "
           f"{args.critic_vision_steps} steps) at {out}")
     return out
@@ -510,14 +516,11 @@ def build_critic_base(root, args):
 # -----------------------------------------------------------------------------
 
 def real_candidates(path, kind):
-    required = ("id", "source", "edited", "instruction") if kind == "edit" else ("id", "image", "prompt")
-    rows = read_jsonl(path, required=required)
-    seen = set()
-    for i, r in enumerate(rows, 1):
-        if r["id"] in seen:
-            raise DataError(f"{path}:{i}: duplicate id '{r['id']}'")
-        seen.add(r["id"])
-    return rows
+    """Every candidate checked before anything is judged (a paid judge must not judge 9000 items and then stop at a
+    corrupt image): fields and types, unique ids, every image present and decodable."""
+    fields = ({"id": "id", "source": "image", "edited": "image", "instruction": "text", "requirement": "str?"}
+              if kind == "edit" else {"id": "id", "image": "image", "prompt": "text", "requirement": "str?"})
+    return read_manifest(path, fields, images="decode")
 
 
 def main(args):
@@ -525,15 +528,16 @@ def main(args):
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "curate_args.json", vars(args))
-    curator = Curator(make_backend(args), root, args.max_items)
     if args.edit_candidates or args.gen_candidates:
-        # real data: images stay where the candidate manifest points (paths relative to it)
-        image_dirs = {}
+        # real data: images stay where the candidate manifest points (paths relative to it); all checked first
+        candidates = {kind: real_candidates(path, kind) for kind, path in (("edit", args.edit_candidates),
+                                                                          ("gen", args.gen_candidates)) if path}
+        curator, image_dirs = Curator(make_backend(args), root, args.max_items), {}
         for kind, path in (("edit", args.edit_candidates), ("gen", args.gen_candidates)):
             if not path:
                 continue
             curator.root = image_dirs[kind] = Path(path).resolve().parent
-            items = real_candidates(path, kind)
+            items = candidates[kind]
             if kind == "edit":
                 rng = random.Random(args.seed)
                 for it in rng.sample(items, int(len(items) * args.balance_share)):
@@ -551,6 +555,7 @@ def main(args):
         return
     if args.judge != "oracle":
         sys.exit("error: the miniature world is judged by the oracle; give --edit-candidates/--gen-candidates for model judges")
+    curator = Curator(make_backend(args), root, args.max_items)
     if not build_toy_world(args, root, curator):
         print(f"stopped after --max-items {args.max_items}; rerun to resume")
         return
@@ -572,4 +577,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args())

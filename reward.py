@@ -23,7 +23,7 @@ Errors are {"error": "..."} naming the field: 400 malformed, 401 bad token, 413 
 
 Departures from the paper and its release:
   1. JSON over HTTP instead of pickle (a pickle lets any client run code on the server); binds 127.0.0.1
-     unless --host says otherwise; optional bearer token (--token or $FIRM_REWARD_TOKEN); size limits.
+     unless --host says otherwise; optional bearer token ($FIRM_REWARD_TOKEN or --token-file); size limits.
   2. A parse failure is reported with the raw text and counted, never turned into a score (the release
      returns 0). The RL caller picks what it means: drop the sample from its group or give it reward 0.
   3. Beyond the paper: method "expected", the expected score sum_k k p(k) over the digit tokens 1-5 at the
@@ -59,7 +59,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from common import append_jsonl, die, load_image, read_jsonl, read_jsonl_resumable
+from common import (DataError, append_jsonl, check_model_dir, die, load_image, read_jsonl_resumable, read_manifest,
+                    read_secret, run_stage)
 
 # -----------------------------------------------------------------------------
 # scoring prompts (our wording of the rubrics in FIRM_NOTES section 2). The critic is trained on
@@ -206,29 +207,33 @@ def _as_scores(value, n):
     return out
 
 
-# (?!\d|\.\d): "45" and "4.5" are not a 4, but the full stop of "The score is 4." is fine
+# (?!\d|\.\d): "45" and "4.5" are not a 4, but the full stop of "The score is 4." is fine. Runs of spaces between
+# optional tokens are matched possessively (*+): a hostile answer of "score" and 20000 spaces must not backtrack for hours.
 _PATTERNS = [
-    r'"scores?"\s*:\s*\[?\s*"?([1-5](?:\s*,\s*[1-5])*)(?!\d|\.\d)',  # truncated JSON: "score": [4
-    r"\bscores?\s*(?:is|of|=|:)?\s*\[?\s*([1-5](?:\s*,\s*[1-5])*)\s*\]?(?!\d|\.\d)",
-    r"\brating\s*(?:is|of|=|:)?\s*\[?\s*([1-5](?:\s*,\s*[1-5])*)\s*\]?(?!\d|\.\d)",
-    r"(?<![\d.])([1-5])\s*(?:/|out of)\s*5\b",
+    r'"scores?"\s*+:\s*+\[?\s*+"?([1-5](?:\s*,\s*[1-5])*)(?!\d|\.\d)',  # truncated JSON: "score": [4
+    r"\bscores?\s*+(?:is|of|=|:)?\s*+\[?\s*+([1-5](?:\s*,\s*[1-5])*)\s*\]?(?!\d|\.\d)",
+    r"\brating\s*+(?:is|of|=|:)?\s*+\[?\s*+([1-5](?:\s*,\s*[1-5])*)\s*\]?(?!\d|\.\d)",
+    r"(?<![\d.])([1-5])\s*+(?:/|out of)\s*+5\b",
 ]
+MAX_ANSWER_CHARS = 100_000  # ~4x the longest answer the release allows (8192 tokens); anything longer is not parsed
+MAX_JSON_STARTS = 1000  # JSON objects tried per answer: bounded time on an answer made of braces
 
 
 # Which reading comes first, per mode, as the release's reward servers parse: the gen instruction score from
 # \\boxed{} first, then "Final Alignment Rating", then JSON; everything else JSON first.
 PARSE_ORDER = {"instruction": ("boxed", "rating", "json")}
 DEFAULT_ORDER = ("json", "boxed")
-_RATING = r"Final Alignment Rating\s*\**\s*:?\s*\**\s*\[?\s*([1-5])\s*\]?(?!\d|\.\d)"
+_RATING = r"Final Alignment Rating\s*+\**+\s*+:?\s*+\**+\s*+\[?\s*+([1-5])\s*\]?(?!\d|\.\d)"
 
 
 def _json_scores(text, n):
     """The first (outermost) JSON object with a "score" field: Parsed, or None when there is none."""
     decoder = json.JSONDecoder()
-    for start in [m.start() for m in re.finditer("{", text)]:
+    starts = [m.start() for m in re.finditer(r'\{\s*"', text)]  # an object with a key begins {" (a failed try costs O(len))
+    for start in starts[:MAX_JSON_STARTS]:
         try:
             obj = decoder.raw_decode(text, start)[0]  # the object starting here; text after it is ignored
-        except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting is not an answer
+        except (ValueError, RecursionError):  # not JSON, an integer of 5000 digits, absurdly deep nesting: not an answer
             continue
         if "score" in obj:
             scores = _as_scores(obj["score"], n)
@@ -240,7 +245,7 @@ def _json_scores(text, n):
 
 def _boxed_scores(text, n):
     """The last \\boxed{...}: Parsed, or None when there is none."""
-    boxed = re.findall(r"\\boxed\{\s*([^{}]*?)\s*\}", text)
+    boxed = [b.strip() for b in re.findall(r"\\boxed\{([^{}]*)\}", text)]
     if not boxed:
         return None
     scores = _as_scores(boxed[-1].split(","), n)
@@ -268,6 +273,8 @@ def parse_score(text, n=1, mode=None):
     """
     if not isinstance(text, str) or not text.strip():
         return Parsed(None, "failed", "empty answer")
+    if len(text) > MAX_ANSWER_CHARS:
+        return Parsed(None, "failed", f"answer of {len(text)} characters, longer than any critic writes ({MAX_ANSWER_CHARS})")
     for reader in PARSE_ORDER.get(mode, DEFAULT_ORDER):
         parsed = _READERS[reader](text, n)
         if parsed is not None:
@@ -381,8 +388,8 @@ class Critic:
     def __init__(self, model_dir=None, device=None, dtype=None, prompt_file=None, max_new_tokens=None, batch_size=16,
                  min_digit_mass=0.5, model=None, processor=None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
-        if model is None and not Path(model_dir or "").is_dir():  # never a silent hub download
-            raise FileNotFoundError(f"{model_dir}: critic model directory not found")
+        if model is None:  # a local directory: never a silent hub download
+            check_model_dir(model_dir or "", "critic")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -849,8 +856,8 @@ def get_args(argv=None):
                        "release's per-mode limit, 256 edit / 8192 gen)")
         p.add_argument("--min-digit-mass", type=float, default=0.5, help="'expected': fail below this digit probability")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-        p.add_argument("--token", default=os.environ.get("FIRM_REWARD_TOKEN"),
-                       help="bearer token the server requires / the client sends (default $FIRM_REWARD_TOKEN)")
+        p.add_argument("--token-file", default=None, help="file holding the bearer token the server requires / the client "
+                       "sends (default: $FIRM_REWARD_TOKEN); never the token itself: argv is visible to every user")
     # serve
     serve.add_argument("--edit-model", default=None, help="critic for execution/consistency")
     serve.add_argument("--gen-model", default=None, help="critic for instruction/quality")
@@ -881,11 +888,12 @@ def run_serve(args):
     if not paths:
         die("give --model DIR, or --edit-model DIR and/or --gen-model DIR")
     loaded = {p: load_critic(args, p) for p in set(paths.values())}  # one copy of a model serving several modes
-    server = make_server({m: loaded[p] for m, p in paths.items()}, args.host, args.port, args.token,
+    token = read_secret("FIRM_REWARD_TOKEN", args.token_file)
+    server = make_server({m: loaded[p] for m, p in paths.items()}, args.host, args.port, token,
                          int(args.max_request_mb * (1 << 20)), args.max_items, args.batch_size, args.batch_wait_ms,
                          args.request_timeout)
     print(f"serving {sorted(paths)} on http://{args.host}:{server.server_address[1]} "
-          f"({'token required' if args.token else 'no token'}; max batch {args.batch_size})", flush=True)
+          f"({'token required' if token else 'no token'}; max batch {args.batch_size})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -895,17 +903,24 @@ def run_serve(args):
 def run_score(args):
     if not (args.url or args.model):
         die("give --model DIR or --url URL")
-    rows, base = read_jsonl(args.input, required=("id",)), Path(args.input).parent
-    for i, r in enumerate(rows, 1):
+    fields = {"id": "id", "mode": "str?", "instruction": "str?", "prompt": "str?", "requirement": "str?",
+              "source": "image?", "edited": "image?", "image": "image?", "human_score": "scores?"}
+    lines, base, seen = read_manifest(args.input, fields, unique=None, images="decode", lines=True), Path(args.input).parent, {}
+    for n, r in lines:  # every row checked before the first is scored
         r["mode"] = args.mode or r.get("mode")
         if r["mode"] not in N_SCORES:
-            die(f"{args.input}:{i}: no valid 'mode' field ({r['mode']!r}); give --mode")
+            raise DataError(f"{args.input}:{n}: field 'mode' is {r['mode']!r}, not one of {list(N_SCORES)}; or give --mode")
         for field in IMAGE_FIELDS[r["mode"]]:
             if field not in r:
-                die(f"{args.input}:{i}: missing field '{field}' (mode {r['mode']})")
+                raise DataError(f"{args.input}:{n}: missing field '{field}' (mode {r['mode']})")
+        if (str(r["id"]), r["mode"]) in seen:
+            raise DataError(f"{args.input}:{n}: field 'id': duplicate {r['id']!r} in mode {r['mode']} (first on line "
+                            f"{seen[str(r['id']), r['mode']]})")
+        seen[str(r["id"]), r["mode"]] = n
+    rows = [r for _, r in lines]
     done = {(r["id"], r["mode"]) for r in read_jsonl_resumable(args.out)}
     todo = [r for r in rows if (r["id"], r["mode"]) not in done]
-    scorer = RewardClient(args.url, args.token) if args.url else load_critic(args, args.model)
+    scorer = RewardClient(args.url, read_secret("FIRM_REWARD_TOKEN", args.token_file)) if args.url else load_critic(args, args.model)
     t0, step = time.time(), 4 * args.batch_size  # append every few batches: a killed run resumes
     for mode in N_SCORES:
         group = [r for r in todo if r["mode"] == mode]
@@ -934,4 +949,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -60,7 +60,6 @@ input unchanged), and on the miniature world eval_edited / eval_kept / eval_pixe
 import argparse
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -73,9 +72,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (DataError, MetricsLog, cleanup_dist, die, every, fill_from_rank0, full_state_of, image_grid, load_image,
-                    load_on_rank0, pil_to_tensor, plot_curves, print0, read_jsonl, save_diffusers_model, seed_everything, setup_dist,
-                    tensor_to_pil, write_json)
+from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, fill_from_rank0, full_state_of,
+                    image_grid, load_image, load_on_rank0, pil_to_tensor, plot_curves, print0, read_jsonl_resumable,
+                    read_manifest, read_secret, run_stage, save_diffusers_model, save_lora_files, seed_everything, setup_dist,
+                    tensor_to_pil, write_json, write_jsonl)
 from rl_gen import (clone_weights, find_checkpoint, full_weights, group_advantages, load_checkpoint, nft_step, noise_levels,
                     ode_sample, optimality_probability, rectified_flow_interp, save_checkpoint, use_weights)
 
@@ -338,22 +338,12 @@ def edit(editor, images, instructions, seeds, steps=6, batch_size=16):
 
 
 def load_prompt_records(path):
-    """Read {"id", "prompt", "image", "requirement"?, "toy"?} records; images are checked to exist (loaded lazily)."""
-    path = Path(path)
-    rows = read_jsonl(path, required=("id", "prompt", "image"))
-    if not rows:
-        raise DataError(f"{path}: no prompt records")
-    for i, r in enumerate(rows, 1):
-        where = f"{path}: record {i} (id {r['id']!r})"
-        if not isinstance(r["prompt"], str) or not r["prompt"].strip():
-            raise DataError(f"{where}: field 'prompt' must be a non-empty instruction string, got {r['prompt']!r}")
-        if not isinstance(r["image"], str) or not r["image"]:
-            raise DataError(f"{where}: field 'image' must be a path relative to the JSONL file, got {r['image']!r}")
-        if r.get("requirement") is not None and not isinstance(r["requirement"], str):
-            raise DataError(f"{where}: field 'requirement' must be a string or null")
-        r["image_path"] = path.parent / r["image"]
-        if not r["image_path"].is_file():
-            raise DataError(f"{where}: field 'image': {r['image_path']} not found")
+    """{"id", "prompt", "image", "requirement"?, "toy"?} records, all checked first (common.read_manifest): fields, types,
+    unique ids, every source image present and decodable. Images are loaded lazily (Sources)."""
+    rows = read_manifest(path, {"id": "id", "prompt": "text", "image": "image", "requirement": "str?", "toy": "dict?"},
+                         images="decode")
+    for r in rows:
+        r["image_path"] = Path(path).parent / r["image"]
     return rows
 
 
@@ -405,7 +395,7 @@ class Rewarder:
             self.scorer = None
         elif args.reward_url:
             from reward import RewardClient
-            self.scorer = RewardClient(args.reward_url, token=args.reward_token or os.environ.get("FIRM_REWARD_TOKEN"))
+            self.scorer = RewardClient(args.reward_url, token=read_secret("FIRM_REWARD_TOKEN", args.reward_token_file))
         else:
             from reward import Critic
             self.scorer = Critic(args.reward_model, device=device, max_new_tokens=args.max_new_tokens,
@@ -512,8 +502,7 @@ def save_lora(out_dir, model, params, values, lora_cfg, rank, sidecar):
     if rank == 0:
         sd = {n.replace(".default.", "."): v.contiguous() for n, v in full.items()}
         meta = {"r": lora_cfg.r, "lora_alpha": lora_cfg.lora_alpha, "target_modules": sorted(lora_cfg.target_modules)}
-        QwenImageEditPlusPipeline.save_lora_weights(out_dir, transformer_lora_layers=sd, transformer_lora_adapter_metadata=meta)
-        write_json(Path(out_dir) / "pytorch_lora_weights.json", sidecar)
+        save_lora_files(QwenImageEditPlusPipeline, out_dir, sd, meta, sidecar)
 
 
 def save_transformer(out_dir, editor, params, values, rank, sidecar):
@@ -560,7 +549,8 @@ def get_args(argv=None):
                     "pixel = the exact pixel judge; pixel-* = the fusions with E, C from the pixel judge (see Rewarder)")
     ap.add_argument("--reward-model", default=None, help="edit critic directory (FIRM-Edit-8B, or the tiny critic), loaded on every rank")
     ap.add_argument("--reward-url", default=None, help="score with a critic server (python reward.py serve) instead of in process")
-    ap.add_argument("--reward-token", default=None, help="bearer token for --reward-url (or env FIRM_REWARD_TOKEN)")
+    ap.add_argument("--reward-token-file", default=None, help="file holding the bearer token for --reward-url (default: "
+                    "$FIRM_REWARD_TOKEN); the token itself never goes on the command line, nor into any output")
     ap.add_argument("--reward-method", choices=["generate", "expected"], default="generate",
                     help="critic scoring: greedy answer then parse (paper), or expected score from digit probabilities")
     ap.add_argument("--reward-batch", type=int, default=16, help="items per critic forward")
@@ -637,9 +627,8 @@ def main(args):
     try:
         records = load_prompt_records(args.prompts)
         test = load_prompt_records(args.test_prompts) if args.test_prompts else records
-        if not (args.reward.startswith("pixel") or args.reward_url or Path(args.reward_model).is_dir()):
-            raise DataError(f"--reward-model {args.reward_model}: no such model directory "
-                            "(the miniature world's: python train_reward.py --preset mini --task edit)")
+        if not (args.reward.startswith("pixel") or args.reward_url):
+            check_model_dir(args.reward_model or "", "--reward-model")
         if args.reward.startswith("pixel") and any("toy" not in r for r in records):
             raise DataError(f"{args.prompts}: --reward {args.reward} needs the miniature world's records (field 'toy')")
         # LoRA: frozen base in the compute dtype, fp32 adapters; full fine-tuning: fp32 master weights
@@ -665,13 +654,12 @@ def main(args):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     rewarder = Rewarder(args, device)
     start = 0
-    ckpt = find_checkpoint(out) if args.resume else None
+    ckpt = find_checkpoint(out, rank) if args.resume else None
     if ckpt is not None:
         # strict=False: adapters that never get a gradient (the last block's text-stream output is unused) have no AdamW state
         start, old, ema = load_checkpoint(ckpt, tr, params, opt, strict=False)
         print0(f"resumed from {ckpt} after step {start}")
         if rank == 0 and (out / "metrics.jsonl").is_file():  # forget what the killed run logged after its checkpoint
-            from common import read_jsonl_resumable, write_jsonl
             write_jsonl(out / "metrics.jsonl", [r for r in read_jsonl_resumable(out / "metrics.jsonl") if r["step"] <= start])
     P, K = args.prompts_per_step, args.group_size
     N, T = P * K, max(1, int(args.timestep_fraction * args.rollout_steps))
@@ -823,4 +811,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args())

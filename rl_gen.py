@@ -53,7 +53,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -66,9 +65,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from common import (DataError, MetricsLog, cleanup_dist, die, every, image_grid, load_image, load_weights, plot_curves,
-                    print0, read_jsonl, read_jsonl_resumable, save_diffusers_model, save_weights, setup_dist, tensor_to_pil, write_json,
-                    write_jsonl)
+from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, image_grid, load_image, load_weights,
+                    plot_curves, print0, read_jsonl_resumable, read_manifest, recover_dir, replace_dir, run_stage,
+                    save_diffusers_model, save_lora_files, save_weights, setup_dist, tensor_to_pil, write_json, write_jsonl)
 
 # -----------------------------------------------------------------------------
 # CLI: defaults are the paper's / release's settings; --preset mini swaps in the miniature world's
@@ -503,16 +502,18 @@ def save_checkpoint(out, model, params, opt, old, ema, step, rank):
             save_weights(tmp / f"{name}.safetensors", sd)
         save_weights(tmp / "optimizer.safetensors", {f"{fqn}::{k}": v for fqn, st in osd["state"].items() for k, v in st.items()})
         write_json(tmp / "state.json", {"step": step, "param_groups": osd["param_groups"]})  # written last: marks it complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     dist.barrier()
 
 
-def find_checkpoint(out):
-    for d in (Path(out) / "checkpoint", Path(out) / "checkpoint.tmp"):  # .tmp: killed between rmtree and rename
-        if (d / "state.json").is_file():
-            return d
-    return None
+def find_checkpoint(out, rank):
+    """out/checkpoint when a complete one exists; after a kill in the middle of a save, rank 0 first puts the newest
+    complete copy back in its place (common.recover_dir). Collective."""
+    if rank == 0:
+        recover_dir(Path(out) / "checkpoint", "state.json")
+    dist.barrier()
+    ckpt = Path(out) / "checkpoint"
+    return ckpt if (ckpt / "state.json").is_file() else None
 
 
 def load_checkpoint(ckpt, model, params, opt, strict=True):
@@ -549,8 +550,7 @@ def save_policy(out, gen, model, params, ema, args, rank, sidecar):
     lora = get_peft_model_state_dict(model, state_dict=sd, adapter_name="default")  # drops the ".default" adapter names
     meta = model.peft_config["default"].to_dict()  # rank and alpha travel with the file
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=lora, transformer_lora_adapter_metadata=meta)
-    write_json(Path(out) / "pytorch_lora_weights.json", sidecar)
+    save_lora_files(StableDiffusion3Pipeline, out, lora, meta, sidecar)
 
 
 # -----------------------------------------------------------------------------
@@ -558,16 +558,14 @@ def save_policy(out, gen, model, params, ema, args, rank, sidecar):
 
 
 def load_prompts(path, need_scene=False):
-    rows = read_jsonl(path, required=("prompt",))
-    for i, r in enumerate(rows, 1):
-        if not isinstance(r["prompt"], str) or not r["prompt"].strip():
-            raise DataError(f"{path}: record {i}: field 'prompt' must be a non-empty string")
-        if need_scene and not (isinstance(r.get("toy"), dict) and "scene" in r["toy"]):
-            raise DataError(f"{path}: record {i}: field 'toy.scene' missing; --reward pixel needs the miniature world's prompts")
-        r.setdefault("id", f"{Path(path).stem}-{i}")
-    if not rows:
-        raise DataError(f"{path}: no prompts")
-    return rows
+    """Prompt records {prompt[, id, requirement]}, checked (common.read_manifest); a record without an id gets
+    "<file stem>:<line>"."""
+    rows = read_manifest(path, {"id": "id?", "prompt": "text", "requirement": "str?", "toy": "dict?"}, lines=True)
+    for lineno, r in rows:
+        if need_scene and "scene" not in r.get("toy", {}):
+            raise DataError(f"{path}:{lineno}: field 'toy.scene' missing; --reward pixel needs the miniature world's prompts")
+        r.setdefault("id", f"{Path(path).stem}:{lineno}")
+    return [r for _, r in rows]
 
 
 def step_prompts(n_prompts, per_step, step, seed):
@@ -609,10 +607,10 @@ def make_scorer(args, device):
     from reward import Critic, RewardClient
     if args.reward_url:
         return RewardClient(args.reward_url)
-    if not args.reward_model or not Path(args.reward_model).is_dir():
-        die(f"critic directory {args.reward_model!r} not found: train it with train_reward.py, give --reward-url, "
-            f"or use --reward pixel")
-    return Critic(args.reward_model, device=device, batch_size=args.reward_batch, max_new_tokens=args.reward_max_new_tokens)
+    if not args.reward_model:
+        die("give --reward-model (a critic directory) or --reward-url, or use --reward pixel")
+    return Critic(check_model_dir(args.reward_model, "--reward-model"), device=device, batch_size=args.reward_batch,
+                  max_new_tokens=args.reward_max_new_tokens)
 
 
 def pixel_judge(img, rec, part="overall"):
@@ -767,13 +765,14 @@ def main(args):
     out = Path(args.out)
     train = load_prompts(args.prompts, need_scene=args.reward in PIXEL_REWARDS)
     test = load_prompts(args.test_prompts, need_scene=args.reward in PIXEL_REWARDS) if args.test_prompts else []
+    scorer = make_scorer(args, device)  # before the policy: a wrong critic path fails in seconds
     gen = load_generator(args.model, device=device, transformer_dtype=torch.float32, max_sequence_length=args.max_sequence_length)
     params = make_policy(gen, args, device)
     model = gen.transformer
     ref = clone_weights(params) if args.kl_weight > 0 else None  # the frozen base (deviation 1)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     old, ema, start = clone_weights(params), clone_weights(params), 0  # rollout policy, saved EMA
-    ckpt = find_checkpoint(out) if args.resume else None
+    ckpt = find_checkpoint(out, rank) if args.resume else None
     if ckpt is not None:
         start, old, ema = load_checkpoint(ckpt, model, params, opt)
         print0(f"resumed from {ckpt} at step {start}")
@@ -786,7 +785,6 @@ def main(args):
             for p in (out / "samples").glob("*.png"):
                 p.unlink()
     dist.barrier()
-    scorer = make_scorer(args, device)
 
     P, K = args.prompts_per_step, args.group_size
     N = P * K  # (prompt, sample) pairs per step, global index j = g * K + k
@@ -883,4 +881,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args())

@@ -1097,11 +1097,15 @@ def _pretrain_gen(args):
     from pathlib import Path
     import torch
     import rl_gen
-    from common import pil_to_tensor, seed_everything
+    import shutil
+    from common import pil_to_tensor, replace_dir, seed_everything
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    n = build_tiny_generator(args.out, size=args.size, seed=args.seed)
-    gen = rl_gen.load_generator(args.out, device="cpu")
+    # built and trained in <out>.tmp, renamed at the end: a killed run never leaves an untrained generator at --out
+    out, tmp = Path(args.out), Path(str(args.out) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    n = build_tiny_generator(str(tmp), size=args.size, seed=args.seed)
+    gen = rl_gen.load_generator(tmp, device="cpu")
     modules = [gen.transformer] + ([] if args.freeze_text_encoders else [gen.pipe.text_encoder, gen.pipe.text_encoder_2])
     params = [p for m in modules for p in m.requires_grad_(True).train().parameters()]  # load_generator froze them
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -1125,8 +1129,9 @@ def _pretrain_gen(args):
         if step % 50 == 0 or step == args.steps:
             print(f"step {step:5d} | loss {avg:.4f} | {time.time() - t0:.0f} s", flush=True)
     for name, m in zip(("transformer", "text_encoder", "text_encoder_2"), modules):
-        m.eval().save_pretrained(Path(args.out) / name)
-    print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
+        m.eval().save_pretrained(tmp / name)
+    replace_dir(tmp, out)
+    print(f"wrote {out} ({time.time() - t0:.0f} s)")
 
 
 COMMANDS["pretrain-gen"] = (_pretrain_gen_args, _pretrain_gen)
@@ -1241,7 +1246,7 @@ def _pretrain_edit(args):
     from pathlib import Path
     import torch
     import rl_edit
-    from common import image_grid
+    from common import image_grid, replace_dir
     from rl_gen import rectified_flow_interp
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -1290,8 +1295,7 @@ def _pretrain_edit(args):
     with open(tmp / "pretrain_edit.json", "w") as f:
         json.dump({"args": vars(args), "steps": step, "final_loss": float(np.mean(losses[-50:])), "pixel_judge": judged,
                    "noop_pixel_judge": noop}, f, indent=2)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     print(f"wrote {out} (pretrain_edits.png: source | edit | target)")
 
 

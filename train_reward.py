@@ -49,7 +49,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 from collections import defaultdict
@@ -64,9 +63,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from common import (DataError, MetricsLog, cleanup_dist, die, every, fill_from_rank0, full_state_of, load_image,
-                    load_on_rank0, plot_curves, print0, read_jsonl, read_jsonl_resumable, seed_everything, setup_dist,
-                    write_json, write_jsonl)
+from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, fill_from_rank0, full_state_of,
+                    load_image, load_on_rank0, plot_curves, print0, read_jsonl_resumable, read_manifest, recover_dir,
+                    replace_dir, run_stage, seed_everything, setup_dist, write_json, write_jsonl)
 from reward import IMAGE, N_SCORES, content_parts, parse_score
 
 # Qwen3-VL returns its per-image features as views; FSDP2 warns in case they are modified in place.
@@ -162,36 +161,35 @@ def get_args(argv=None):
 
 
 def load_records(path, skip_bad=False):
-    """Read and check an SFT file up front, so a bad record stops the run at once, named by its id."""
+    """Read and check an SFT file up front (common.read_manifest: JSON, field types, unique ids, finite scores; here:
+    the conversation and that every image exists), so a bad record stops the run at once, named by file, line and
+    field. --skip-bad-records drops (and counts) records whose conversation or images do not fit, instead."""
     path = Path(path)
-    rows, problems, bad = read_jsonl(path, required=("id", "images", "messages")), [], set()
-
-    def report(i, r, what):
-        problems.append(f"{path}: record {i + 1} (id {r['id']!r}): {what}")
-        bad.add(i)
-
-    for i, r in enumerate(rows):
+    # curate.py writes sft/ beside the edit/ and gen/ image folders: the dataset is the folder above the SFT file
+    rows = read_manifest(path, {"id": "id", "images": "images", "messages": "list", "mode": "str?", "score": "scores?"},
+                         bound=path.parent.parent, images="unchecked", lines=True)
+    problems, keep = [], []
+    for lineno, r in rows:
         msgs = r["messages"]
-        if (not isinstance(msgs, list) or len(msgs) != 2 or msgs[0].get("role") != "user"
-                or msgs[1].get("role") != "assistant"):
-            report(i, r, "messages must be [user, assistant]")
+        if (len(msgs) != 2 or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)
+                or msgs[0].get("role") != "user" or msgs[1].get("role") != "assistant"):
+            problem = "field 'messages' must be [user, assistant] turns with string contents"
+        elif not msgs[1]["content"].strip():
+            problem = "field 'messages': empty assistant answer"
+        elif msgs[0]["content"].count(IMAGE) != len(r["images"]):
+            problem = f"field 'messages': {msgs[0]['content'].count(IMAGE)} {IMAGE} placeholders for {len(r['images'])} images"
+        elif missing := [p for p in r["images"] if not (path.parent / p).is_file()]:
+            problem = f"field 'images': image {path.parent / missing[0]} not found"
+        else:
+            keep.append(dict(r, _where=f"{path}:{lineno}"))  # for an image that fails to decode mid-run
             continue
-        answer = msgs[1].get("content")
-        if not isinstance(answer, str) or not answer.strip():
-            report(i, r, "empty assistant answer")
-        n_placeholders = msgs[0]["content"].count(IMAGE)
-        if n_placeholders != len(r["images"]):
-            report(i, r, f"{n_placeholders} {IMAGE} placeholders for {len(r['images'])} images")
-        for p in r["images"]:
-            if not (path.parent / p).is_file():
-                report(i, r, f"image {str(path.parent / p)!r} not found")
+        problems.append(f"{path}:{lineno}: {problem} (id {r['id']!r})")
     if problems:
-        msg = f"{len(bad)} bad record(s) in {path}:\n  " + "\n  ".join(problems[:20])
+        msg = f"{len(problems)} bad record(s) in {path}:\n  " + "\n  ".join(problems[:20])
         if not skip_bad:
             raise DataError(msg + "\n(fix the data, or pass --skip-bad-records to drop them)")
         print0("warning: dropping " + msg)
-        rows = [r for i, r in enumerate(rows) if i not in bad]
-    return rows
+    return keep
 
 
 def chat_prompt(processor, user_turn):
@@ -213,7 +211,7 @@ def encode(record, processor, root):
     try:
         images = [load_image(p, root) for p in record["images"]]
     except DataError as e:
-        raise DataError(f"record {record['id']!r}: {e}") from None
+        raise DataError(f"{record.get('_where', 'record ' + repr(record['id']))}: field 'images': {e}") from None
     user, answer = record["messages"][0]["content"], record["messages"][1]["content"]
     prompt = chat_prompt(processor, user)
     enc = processor(text=[prompt], images=images or None, return_tensors="pt")
@@ -332,8 +330,7 @@ def load_base(path, rank):
     """(model, processor, dtype of the checkpoint). Only rank 0 reads the weights (common.load_on_rank0); they reach
     the other ranks' shards in shard(). fp32 master weights; on GPU the FSDP mixed-precision policy computes in bf16."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-    if not Path(path).is_dir():  # never a hub download
-        die(f"--model {path}: no such model directory")
+    check_model_dir(path)  # a local directory, never a hub download
     processor = AutoProcessor.from_pretrained(path)
     if processor.tokenizer.chat_template is None and getattr(processor, "chat_template", None):
         processor.tokenizer.chat_template = processor.chat_template
@@ -380,7 +377,10 @@ def save_model(model, processor, out, save_dtype, rank):
         cfg["dtype"] = str(save_dtype).removeprefix("torch.")
         write_json(tmp / "config.json", cfg)
         processor.save_pretrained(tmp)
-        for f in tmp.iterdir():  # move file by file: --out also holds logs and the checkpoint
+        # --out also holds logs and the checkpoint, so the model moves in file by file: config.json goes first and
+        # comes back last, so that a folder with a config.json always holds one whole model, even after a kill
+        (Path(out) / "config.json").unlink(missing_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
             os.replace(f, Path(out) / f.name)
         tmp.rmdir()
 
@@ -398,11 +398,7 @@ def save_checkpoint(model, opt, processor, out, step, state, save_dtype, rank):
         flat = {f"{fqn}::{k}": v.detach().cpu().contiguous() for fqn, s in osd["state"].items() for k, v in s.items()}
         save_file(flat, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "trainer_state.json", dict(state, step=step, param_groups=osd["param_groups"]))
-        old = Path(out) / "checkpoint.old"
-        if ckpt.exists():
-            os.replace(ckpt, old)
-        os.replace(tmp, ckpt)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, ckpt)
     dist.barrier()
 
 
@@ -453,13 +449,13 @@ def greedy_answers(model, processor, records, root, batch_size, max_new_tokens):
     return answers
 
 
-def val_mae(model_dir, records, root, train_records, args):
+def val_mae(saved, records, root, train_records, args):
     """Val MAE per mode vs the constant predictor (training-set mean score, rounded), parse failures."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(saved, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(saved)
     answers = greedy_answers(model, processor, records, root, args.eval_batch, args.max_new_tokens)
     totals = defaultdict(list)
     for r in train_records:
@@ -511,6 +507,9 @@ def main(args):
 
     # ---- model (resume: the checkpoint directory is itself a model directory)
     ckpt = out / "checkpoint"
+    if args.resume and rank == 0:  # a kill in the middle of a save: put the newest complete copy back in its place
+        recover_dir(ckpt, "trainer_state.json")
+    dist.barrier()
     resume = args.resume and (ckpt / "trainer_state.json").is_file()
     model, processor, save_dtype = load_base(ckpt if resume else args.model, rank)
     if resume:  # the checkpoint is fp32; the final model keeps the BASE model's dtype
@@ -556,7 +555,7 @@ def main(args):
         print0(f"resuming from {ckpt} at step {start}")
 
     # ---- training loop
-    train_set, root = SFTData(train_records, processor, Path(args.train_file).parent), Path(args.train_file).parent
+    train_set = SFTData(train_records, processor, Path(args.train_file).parent)
     val_set = SFTData(val_records, processor, Path(args.val_file).parent) if val_records else None
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=StepSampler(start, total, len(train_records), args, rank, world),
                                          collate_fn=lambda s: collate(s, pad_id), num_workers=args.num_workers)
@@ -631,4 +630,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args())

@@ -169,14 +169,16 @@ def test_critics_cli_on_miniature_bench_counts_base_failures_and_resumes(mini_da
     out = tmp_path / "out"
     argv = ["critics", "--bench-dir", str(mini_data / "bench"), "--out", str(out), "--limit", "4", "--max-new-tokens", "8",
             "--sft-dir", str(mini_data / "sft"), "--threads", "1", "--critic", f"base={critic_base}", "--critic", "constant=constant",
-            "--critic", "teacher=oracle:0.15:report", "--critic", "missing=/nonexistent/critic@edit"]
+            "--critic", "teacher=oracle:0.15:report"]
+    with pytest.raises(SystemExit) as exit:  # a critic the user names must exist: an error before anything is scored
+        bench.main(argv + ["--critic", "missing=/nonexistent/critic@edit"])
+    assert exit.value.code == 2 and "--critic missing: not found: /nonexistent/critic" in capsys.readouterr().err
+    assert not out.exists()
     bench.main(argv)
     res = json.loads((out / "critics.json").read_text())["critics"]
     base = res["base"]["metrics"]
     assert base["edit_overall"]["failures"] + base["edit_overall"]["parsed"] == 8  # every item counted, none dropped
     assert res["teacher"]["metrics"]["gen_overall"]["parsed"] == 4
-    assert res["missing"]["note"].startswith("skipped: not found")
-    assert "| missing |" in (out / "critics.md").read_text()
     # a killed run: keep 3 predictions of the base critic; the rerun scores only the rest
     pf = out / "preds" / "base" / "predictions.jsonl"
     pf.write_text("".join(pf.read_text().splitlines(True)[:3]))

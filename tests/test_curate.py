@@ -116,10 +116,10 @@ def test_malformed_manifest_line_names_file_and_line(tmp_path):
 
 
 def test_missing_and_corrupt_images_name_the_file(tmp_path):
-    with pytest.raises(DataError, match=r"nope.png: image not found"):
+    with pytest.raises(DataError, match=r"nope.png not found"):
         load_image("nope.png", tmp_path)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    with pytest.raises(DataError, match=r"bad.png: cannot read image"):
+    with pytest.raises(DataError, match=r"bad.png cannot be read"):
         load_image(tmp_path / "bad.png")
 
 
@@ -159,7 +159,7 @@ def test_transformers_judge_garbage_is_counted_as_unparseable(tmp_path, critic_b
 def test_a_missing_candidate_image_stops_with_the_file_name(tmp_path, critic_base):
     cands = write_candidates(tmp_path, n=1)
     (tmp_path / "0_out.png").unlink()
-    with pytest.raises(DataError, match="0_out.png: image not found"):
+    with pytest.raises(DataError, match=r"cands.jsonl:1: field 'edited': image .*0_out.png not found"):
         curate.main(curate.get_args(["--judge", "transformers", "--judge-model", str(critic_base), "--edit-candidates",
                                      str(cands), "--max-new-tokens", "4", "--balance-share", "0", "--out", str(tmp_path / "o")]))
 

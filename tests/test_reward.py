@@ -107,7 +107,66 @@ CORPUS = [  # (text, n, expected scores or None, how)
     ("", 1, None, "failed"),
     ("   \n", 1, None, "failed"),
     (None, 1, None, "failed"),
+    # odd braces and brackets, several candidate numbers, numbers inside the reasoning, unicode digits
+    ('{"reasoning": "uses {curly} and [square] brackets: {\\"a\\": 1}", "score": [3]}', 1, [3], "json"),
+    ('{"reasoning": "3 objects, 2 moved, 1 of 5 kept; score 1 would be harsh", "score": [2]}', 1, [2], "json"),
+    ('{"score": [2]} {"score": [5]}', 1, [2], "json"),  # the first object with a score, as the release reads
+    ('{"reasoning": {"nested": {"score": 1}}, "score": [4]}', 1, [4], "json"),  # the outermost object's score
+    ("{{{{ score: [[4]] }}}}", 1, None, "failed"),  # brackets in brackets: not a score we can vouch for
+    ("Score 3. Actually, on reflection, the score is 5.", 1, [5], "pattern"),  # the last statement wins
+    ('{"score": ["\uff14"]}', 1, None, "failed"),  # a full-width 4 is not one of the digits 1-5
+    ("score: \u0664", 1, None, "failed"),  # an Arabic-Indic 4 neither
+    ("\\boxed{ 5 }", 1, [5], "boxed"),
+    ("\\boxed{four}", 1, None, "failed"),
+    ('{"reasoning": "x", "score": 99999999999999999999999999}', 1, None, "failed"),
+    ('{"reasoning": "x", "score": 1e400}', 1, None, "failed"),  # inf
+    ("5/5 would be too much; 3/5.", 1, [3], "pattern"),
+    ("45/50", 1, None, "failed"),
 ]
+
+
+# Hostile answers: each must come back as a counted failure, quickly. Not a speed test: a regex that backtracks
+# catastrophically takes hours on these, so the alarm only turns such a hang into a failure.
+HOSTILE = {
+    "JSON nested 3000 deep": '{"a":' * 3000,
+    "a list nested 5000 deep": '{"score": ' + "[" * 5000,
+    "100k opening braces": "{" * 99_000,
+    "50k object starts": '{"' * 49_000,
+    "an integer of 5000 digits": '{"score": ' + "9" * 5000 + "}",
+    "score and 30k spaces": "score" + " " * 30_000 + "x",
+    "score, colon and spaces around a bracket": "score:" + " " * 20_000 + "[" + " " * 20_000,
+    "an unclosed boxed": "\\boxed{" + " " * 30_000,
+    "a rating drowned in asterisks": "Final Alignment Rating" + " *" * 20_000,
+    "a digit and 30k spaces before out of": "4" + " " * 30_000 + "out of",
+    "20k score words": "score: x " * 10_000,
+    "one megabyte": "x" * 1_000_000,
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_parse_score_never_raises_on_hostile_answers(name):
+    import signal
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f"parse_score hung on {name}"))
+    signal.alarm(60)
+    try:
+        for mode, n in (("execution", 1), ("instruction", 1), ("quality", 3)):
+            p = parse_score(HOSTILE[name], n, mode)
+            assert not p.ok and p.how == "failed" and p.error
+    finally:
+        signal.alarm(0)
+
+
+def test_parse_score_never_raises_on_random_answers():
+    """Random mixtures of the pieces answers are made of: every result is n scores in 1..5 or a failure with a reason."""
+    import random
+    rng = random.Random(0)
+    pieces = ["{", "}", "[", "]", '"', ":", ",", " ", "\n", "score", '"score"', "\\boxed{", "Final Alignment Rating",
+              "1", "3", "5", "7", "4.5", "/5", "out of", "NaN", "\uff14", "reasoning", "**", "\\", "null", "true", "-"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        for mode, n in (("execution", 1), ("instruction", 1), ("quality", 3)):
+            p = parse_score(text, n, mode)
+            assert (p.ok and len(p.scores) == n and all(s in (1, 2, 3, 4, 5) for s in p.scores)) or (not p.ok and p.error)
 
 
 @pytest.mark.parametrize("text,n,scores,how", CORPUS)
@@ -468,8 +527,9 @@ def test_cli_score_writes_judgements_counts_failures_and_resumes(mini_data, crit
 
 
 def test_cli_serve_answers_the_client_and_the_score_command(mini_data, critic_base, tmp_path):
-    cmd = [sys.executable, str(ROOT / "reward.py"), "serve", "--model", str(critic_base), "--port", "0", "--token", "t0k",
-           "--max-new-tokens", "3", "--threads", "1"]
+    (tmp_path / "token").write_text("t0k\n")  # a token never goes on the command line
+    cmd = [sys.executable, str(ROOT / "reward.py"), "serve", "--model", str(critic_base), "--port", "0",
+           "--token-file", str(tmp_path / "token"), "--max-new-tokens", "3", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     try:
         line = proc.stdout.readline()  # "serving [...] on http://127.0.0.1:PORT (...)"
@@ -477,7 +537,7 @@ def test_cli_serve_answers_the_client_and_the_score_command(mini_data, critic_ba
         client = RewardClient(url, token="t0k", timeout=30, retries=0)
         assert client.health()["modes"] == sorted(reward.N_SCORES)
         out = tmp_path / "gen.jsonl"
-        reward.main(["score", "--url", url, "--token", "t0k", "--input", str(mini_data / "bench" / "gen.jsonl"), "--out", str(out)])
+        reward.main(["score", "--url", url, "--token-file", str(tmp_path / "token"), "--input", str(mini_data / "bench" / "gen.jsonl"), "--out", str(out)])
         assert len(out.read_text().splitlines()) == 24
     finally:
         proc.terminate()

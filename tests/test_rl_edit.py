@@ -190,7 +190,7 @@ def test_pretrain_edit_cli_writes_a_directory_that_diffusers_and_load_editor_ope
 def test_malformed_prompt_records_name_the_file_record_and_field(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"id": "a", "prompt": "", "image": "x.png"}) + "\n")
-    with pytest.raises(rl_edit.DataError, match=r"p.jsonl: record 1 \(id 'a'\): field 'prompt'"):
+    with pytest.raises(rl_edit.DataError, match=r"p.jsonl:1: field 'prompt' must be a non-empty string"):
         rl_edit.load_prompt_records(f)
     f.write_text(json.dumps({"id": "a", "prompt": "Make it red.", "image": "missing.png"}) + "\n")
     with pytest.raises(rl_edit.DataError, match="field 'image'.*missing.png not found"):
@@ -266,6 +266,37 @@ def test_critic_parse_failures_are_counted_and_dropped_not_fatal(editor_dir, min
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     # an untrained critic answers gibberish: every reward fails to parse, nothing is trained on, nothing crashes
     assert rows[1]["parse_failures"] == 4 and rows[1]["reward"] is None and rows[0]["eval_parse_failures"] == 2
+
+
+def test_the_reward_token_reaches_no_output_file_and_no_log(editor_dir, mini_data, tmp_path, monkeypatch, capfd):
+    """The token of a reward server comes from the environment (or a file named by --reward-token-file) and is
+    written nowhere: not into rl_edit_args.json, rl_edit.json, the LoRA's sidecar, the metrics, nor the log."""
+    import threading
+    import reward
+
+    class Steady:  # a critic that answers at once: execution 4, consistency 5
+        def score(self, mode, items, method="generate", samples=1):
+            return [reward.Judgement([4 if mode == "execution" else 5], "{}", True, "", "json") for _ in items]
+
+    secret = "tok-3f9c1d-never-written"
+    srv = reward.make_server({m: Steady() for m in reward.N_SCORES}, port=0, token=secret, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("FIRM_REWARD_TOKEN", secret)
+    try:
+        out = tmp_path / "run"
+        rl_edit.main(rl_args(editor_dir, mini_data, out, "--steps", "1", "--reward", "cme", "--group-size", "2",
+                             "--reward-url", f"http://127.0.0.1:{srv.server_address[1]}"))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[1])["reward"] == pytest.approx(0.75)  # the server scored
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert {"rl_edit_args.json", "rl_edit.json", "pytorch_lora_weights.json"} <= {f.name for f in files}
+    assert not [f for f in files if secret.encode() in f.read_bytes()]
+    logged = capfd.readouterr()
+    assert secret not in logged.out + logged.err
+    with pytest.raises(SystemExit):  # and there is no flag that would put it on the command line
+        rl_edit.get_args(["--model", "m", "--prompts", "p", "--reward-token", secret])
 
 
 def test_torchrun_with_2_processes_gives_the_single_process_result(editor_dir, mini_data, tmp_path):
