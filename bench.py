@@ -8,7 +8,7 @@ scores (EditReward-Bench style), Spearman, the parse-failure rate and a confusio
     python bench.py critics --preset mini                        # the miniature world's table
     python bench.py critics --bench-dir /data/FIRM-Bench --layout firm-release \\
         --critic FIRM-Edit-8B=/ckpt/FIRM-Edit-8B@edit --critic qwen3vl=/ckpt/Qwen3-VL-8B-Instruct \\
-        --critic server=http://10.0.0.5:8765 --critic mine=file:preds.jsonl
+        --critic served=http://10.0.0.5:8000/v1#firm-edit@edit --critic mine=file:preds.jsonl   # vLLM (README)
     torchrun --standalone --nproc_per_node=8 bench.py critics ...   # each rank scores its shard
 
 policy: held-out prompts, one fixed seed per sample and the same seeds for every policy (so the policies
@@ -325,8 +325,7 @@ def make_scorer(spec, args, device):
                 return None
             return r["text"] if "text" in r else json.dumps({"score": r.get("scores", r.get("score"))})
     else:  # a model directory or a reward server
-        scorer = reward.RewardClient(spec) if spec.startswith(("http://", "https://")) else \
-            reward.Critic(spec, device=device, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        scorer = reward.open_critic(spec, device=device, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
         def predict(mode, items):
             keys = ("image",) if mode == "instruction" else ("source", "edited")
@@ -388,7 +387,7 @@ def predict_all(name, spec, items, args, rank, world, device):
     fp = fingerprint(spec[5:] if spec.startswith("file:") else spec, spec, args.method, args.samples,
                      args.max_new_tokens)
     start_fresh_if_changed(pdir, fp, rank, f"[{name}] critic or decoding flags")
-    done = read_parts(sorted(pdir.glob("*.jsonl")), "key")
+    done = read_parts([pdir / "predictions.jsonl"] + sorted(pdir.glob("part-*.jsonl")), "key")
     dist.barrier()  # every rank has read (and repaired) the old files before any rank appends to them
     mine = [it for i, it in enumerate(items) if i % world == rank and it["key"] not in done]
     predict = make_scorer(spec, args, device) if mine else None  # load a model only when there is work
@@ -425,6 +424,20 @@ def evaluate(items, preds):
             if len(splits) == 1 and difficulty is None:
                 conf[splits[0]] = confusion(human, pred)
     return {"metrics": metrics, "confusion": conf}
+
+
+def release_gen_records(items, preds):
+    """The gen predictions in the release's own schema, so its scoring script (gen_mae.py) reads them: the bench
+    record with the critic's score filled in, {"id", "image": [path], "prompt", "instruction_following": {"score":
+    [n]}}; easy / hard follow from the path ("en/" / "en_long/"). Items without a score are left out (counted)."""
+    out = []
+    for it in items:
+        r = preds.get(it["key"])
+        if it["split"] == "gen" and r and r.get("ok") and r.get("scores"):
+            score = r["scores"][0]
+            out.append({"id": it["id"], "image": [it["image"]], "prompt": it["prompt"],
+                        "instruction_following": {"score": [int(score) if float(score).is_integer() else score]}})
+    return out
 
 
 def confusion_png(path, title, conf):
@@ -500,9 +513,15 @@ def run_critics(args):
         its = [it for it in items if scope in ("all", "gen" if it["split"] == "gen" else "edit")]
         path = predict_all(name, spec, its, args, rank, world, device)
         if rank == 0:
-            ev = evaluate(its, read_parts([path], "key"))
+            preds = read_parts([path], "key")
+            ev = evaluate(its, preds)
             res["critics"][name] = {"spec": spec, "scope": scope, "predictions": str(path), **ev,
                                     "note": "" if scope == "all" else f"{scope} splits only"}
+            if any(it["split"] == "gen" for it in its):
+                release = release_gen_records(its, preds)
+                write_jsonl(path.with_name("gen_release.jsonl"), release)
+                print(f"[{name}] {path.with_name('gen_release.jsonl')}: {len(release)} of "
+                      f"{sum(it['split'] == 'gen' for it in its)} gen items in the release's schema (the rest had no score)")
             confusion_png(out / f"confusion_{name}.png", name, ev["confusion"])
     if rank == 0:
         write_json(out / "critics.json", res)
@@ -525,7 +544,7 @@ def policy_judge(spec, kind, device):
         return lambda recs, ims: [(p.pop("overall"), p) for p in map(pixel, recs, ims)]
     import reward
     path = spec[len("critic:"):]
-    critic = reward.RewardClient(path) if path.startswith("http") else reward.Critic(path, device=device)
+    critic = reward.open_critic(path, device=device)
     if kind == "gen":  # QMA, the paper's gen reward
         item = lambda r, im: {"image": im, "prompt": r["prompt"], "requirement": r.get("requirement")}
         rewards = lambda items: reward.gen_rewards(critic, items, fusion="qma")[0]
@@ -698,7 +717,8 @@ def get_args(argv=None):
     c.add_argument("--limit", type=int, default=None, help="items per split (quick runs)")
     # critics: critics and decoding
     c.add_argument("--critic", action="append", default=None, help="NAME=SPEC[@edit|@gen]; SPEC = model dir | "
-                   "http://server | file:preds.jsonl | constant[:k] | oracle:noise[:report|direct]")
+                   "http://host:port/v1[#served name] (an OpenAI-compatible endpoint) | file:preds.jsonl | "
+                   "constant[:k] | oracle:noise[:report|direct]")
     c.add_argument("--sft-dir", default=None, help="SFT files whose mean score the 'constant' baseline predicts")
     c.add_argument("--method", default="generate", choices=["generate", "expected"], help="critic scoring method")
     c.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")

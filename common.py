@@ -362,17 +362,6 @@ def check_model_dir(path, what="--model", marker="config.json"):
     return path
 
 
-def read_secret(env, file=None):
-    """A secret (API key, token) from a file named on the command line or the environment variable `env`; never a
-    command-line value: argv is visible to every user of the machine and lands in logs and saved arguments."""
-    if file:
-        try:
-            return Path(file).read_text().strip() or None
-        except OSError as e:
-            raise DataError(f"secret file {file}: {e.strerror}") from None
-    return os.environ.get(env) or None
-
-
 # -----------------------------------------------------------------------------
 # images
 

@@ -18,13 +18,14 @@ ground truth (describe, what changed, what is asked), on which the tiny critic b
 model, vision tower pre-trained on the world's scenes: --critic-vision-steps) first learns to see
 (train_reward.py --task vlm); a real Qwen3-VL base needs no such step.
 
-Judges (--judge): "oracle" (the miniature world's, knows the scenes; default), "transformers"
-(any local image-text-to-text model, e.g. Qwen3-VL-8B-Instruct: --judge-model DIR) and "openai"
-(any OpenAI-compatible chat endpoint, e.g. a vLLM server: --judge-url URL --judge-model NAME).
+Judges (--judge): "oracle" (the miniature world's, knows the scenes; default), or a model named as every
+script names a critic (reward.open_critic): a local model directory run in process (e.g. Qwen3-VL-8B-Instruct),
+or an OpenAI-compatible endpoint such as a vLLM server, http://host:port/v1[#served model name].
 
     python curate.py                                   # miniature world -> runs/mini/data (~3 min, most of it the critic's vision tower)
-    python curate.py --judge transformers --judge-model /ckpt/Qwen3-VL-8B-Instruct \\
-        --edit-candidates my_edits.jsonl --gen-candidates my_gens.jsonl --out data/
+    python curate.py --judge /ckpt/Qwen3-VL-8B-Instruct --edit-candidates my_edits.jsonl --gen-candidates my_gens.jsonl \\
+        --out data/
+    python curate.py --judge http://judge-host:8000/v1#qwen3-vl-235b --edit-candidates my_edits.jsonl --out data/
 
 Departures from the paper:
   1. Candidates of the miniature world come from simulated editors/generators (toy.py), not from
@@ -39,25 +40,22 @@ Departures from the paper:
 """
 
 import argparse
-import base64
 import collections
-import io
 import json
 import os
 import random
 import shutil
 import sys
 import time
-import urllib.request
 import zlib
 from pathlib import Path
 
 from tqdm import tqdm
 
 import toy
-from common import (append_jsonl, check_model_dir, load_image, read_jsonl, read_jsonl_resumable, read_manifest, replace_dir,
+from common import (append_jsonl, load_image, read_jsonl, read_jsonl_resumable, read_manifest, replace_dir,
                     run_stage, write_json, write_jsonl)
-from reward import EDIT_MODES, GEN_MODES, IMAGE, N_SCORES, build_prompt, content_parts, mark_images, parse_score
+from reward import EDIT_MODES, GEN_MODES, IMAGE, N_SCORES, build_prompt, open_critic, parse_score
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -66,9 +64,9 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="FIRM data curation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="runs/mini/data", help="output dataset directory")
     # judge
-    ap.add_argument("--judge", default="oracle", choices=["oracle", "transformers", "openai"])
-    ap.add_argument("--judge-model", default=None, help="model directory (transformers) or model name (openai)")
-    ap.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    ap.add_argument("--judge", default="oracle", help="'oracle' (the miniature world's teacher) or a model judge: a "
+                    "model directory (run in process) or an OpenAI-compatible endpoint http://host:port/v1[#served "
+                    "name] (vLLM, ...; key from $FIRM_CRITIC_API_KEY), as reward.open_critic takes them")
     ap.add_argument("--judge-noise", type=float, default=0.15, help="oracle only: how often the teacher misses things (0 = perfect)")
     ap.add_argument("--max-new-tokens", type=int, default=512, help="model judges: tokens per answer")
     # real data
@@ -136,13 +134,14 @@ class OracleBackend:
         return plan, {m: ans[m][0] for m in GEN_MODES}
 
 
-def chat_content(images, text):
-    """Chat content for a judge: the images where `text` marks them (the scoring prompts), else first."""
-    return content_parts(mark_images(text, len(images), "the judge prompt"))
-
-
 class ChatBackend:
-    """A model judge. `chat(images, text)` is provided by the transformers or openai subclass."""
+    """A model judge (reward.open_critic: a model directory or a served endpoint), asked the pipeline's questions."""
+
+    def __init__(self, judge, max_new_tokens):
+        self.judge, self.max_new_tokens = judge, max_new_tokens
+
+    def chat(self, images, text):
+        return self.judge.chat(images, text, self.max_new_tokens)
 
     def edit(self, item, direct=False):
         images = [item["_source"], item["_edited"]]
@@ -158,64 +157,10 @@ class ChatBackend:
                       for m in GEN_MODES}
 
 
-class TransformersBackend(ChatBackend):
-    def __init__(self, path, max_new_tokens):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-        self.torch, self.max_new_tokens = torch, max_new_tokens
-        self.processor = AutoProcessor.from_pretrained(path)
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
-        if torch.cuda.is_available():
-            self.model.cuda()
-
-    def chat(self, images, text):
-        content = chat_content(images, text)
-        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-        batch = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt").to(self.model.device)
-        with self.torch.no_grad():
-            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.processor.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-class OpenAIBackend(ChatBackend):
-    """Any OpenAI-compatible /chat/completions endpoint, with the standard library only."""
-
-    def __init__(self, url, model, max_new_tokens, timeout=120, retries=3):
-        self.url, self.model, self.max_new_tokens = url.rstrip("/") + "/chat/completions", model, max_new_tokens
-        self.timeout, self.retries = timeout, retries
-
-    def chat(self, images, text):
-        content, left = [], iter(images)
-        for part in chat_content(images, text):
-            if part["type"] == "image":
-                buf = io.BytesIO()
-                next(left).save(buf, format="PNG")
-                part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
-            content.append(part)
-        body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_new_tokens,
-                           "messages": [{"role": "user", "content": content}]}).encode()
-        for attempt in range(self.retries):
-            try:
-                req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())["choices"][0]["message"]["content"] or ""
-            except (OSError, KeyError, IndexError, json.JSONDecodeError) as e:
-                if attempt == self.retries - 1:
-                    raise RuntimeError(f"judge endpoint {self.url} failed {self.retries} times: {e}") from e
-                time.sleep(2 ** attempt)
-
-
 def make_backend(args):
     if args.judge == "oracle":
         return OracleBackend(args.judge_noise, args.seed)
-    if not args.judge_model:
-        sys.exit("error: --judge-model is required for --judge transformers/openai")
-    if args.judge == "transformers":
-        return TransformersBackend(check_model_dir(args.judge_model, "--judge-model"), args.max_new_tokens)
-    if not args.judge_url:
-        sys.exit("error: --judge-url is required for --judge openai")
-    return OpenAIBackend(args.judge_url, args.judge_model, args.max_new_tokens)
+    return ChatBackend(open_critic(args.judge), args.max_new_tokens)
 
 
 # -----------------------------------------------------------------------------

@@ -1,37 +1,28 @@
-"""FIRM critics as rewards (Sec 3.4): scoring prompts, robust score parsing, CME / QMA fusion,
-batched critic inference, and a JSON reward server for the RL scripts.
+"""FIRM critics as rewards (Sec 3.4): scoring prompts, robust score parsing, CME / QMA fusion, and critic
+inference, in this process or through an inference engine that serves the critic.
 
     python reward.py score --model runs/mini/models/edit-critic --input runs/mini/data/bench/edit_execution.jsonl \\
         --out runs/mini/bench/edit_execution_judgments.jsonl            # a JSONL of items -> judgements (+ MAE)
-    python reward.py serve --model /ckpt/FIRM-Edit-8B                      # one critic for every mode
-    python reward.py serve --edit-model /ckpt/FIRM-Edit-8B --gen-model /ckpt/FIRM-Gen-8B --port 8765
-    FIRM_REWARD_TOKEN=$(openssl rand -hex 16) python reward.py serve --model DIR --host 0.0.0.0   # for other machines
-    curl http://127.0.0.1:8765/health
+    vllm serve /ckpt/FIRM-Edit-8B --served-model-name firm-edit --port 8000          # the critic on its own GPUs
+    python reward.py score --model http://critic-host:8000/v1#firm-edit --input ... --out ...
 
-In Python (the RL scripts): `Critic(dir).score(mode, items)` in process, or `RewardClient(url).score(...)`
-against a server: the same signature, so `edit_rewards(scorer, items)` / `gen_rewards(...)` take either.
-
-HTTP API (JSON bodies, images as base64 PNG/JPEG; field names follow the release's server):
-  POST /score/{execution,consistency,instruction,quality}   (alias /mode/score_<mode>, the release's path)
-       in:  {"images": [b64], "ref_images": [b64] (edit modes: the SOURCE images), "prompts": [str],
-             "metadatas": [{"requirement": str}] (optional), "method": "generate"|"expected", "samples": int}
-       out: {"scores": [n | [a, t, s] | null], "reasonings": [str], "ok": [bool], "errors": [str], "parse_failures": k}
-  POST /reward/edit  (execution + consistency + fused "cme", "sum55", "sum64")
-  POST /reward/gen   (instruction + quality + fused "qma", "instruction")
-  GET  /health   (no token needed: status, modes, queue, items/batches served, parse failures)
-Errors are {"error": "..."} naming the field: 400 malformed, 401 bad token, 413 too large, 503 overloaded.
+A critic is named one way in every script (`open_critic`): a model directory, scored in process (`Critic`:
+batched generation, the digit-probability mode), or an OpenAI-compatible endpoint `http(s)://host:port/v1`
+with its served model name after `#` (`ServedCritic`: vLLM, SGLang, `transformers serve`; many requests in
+flight, retries, the key from $FIRM_CRITIC_API_KEY). Both have score(mode, items, method, samples) -> one
+Judgement per item, so `edit_rewards(critic, items)` / `gen_rewards(...)` take either.
 
 Departures from the paper and its release:
-  1. JSON over HTTP instead of pickle (a pickle lets any client run code on the server); binds 127.0.0.1
-     unless --host says otherwise; optional bearer token ($FIRM_REWARD_TOKEN or --token-file); size limits.
+  1. The critic is served by an inference engine through the standard chat API (the release serves it with its
+     own pickle-over-HTTP server, and a pickle lets any client run code on the server).
   2. A parse failure is reported with the raw text and counted, never turned into a score (the release
      returns 0). The RL caller picks what it means: drop the sample from its group or give it reward 0.
   3. Beyond the paper: method "expected", the expected score sum_k k p(k) over the digit tokens 1-5 at the
      score position of an answer whose reasoning is skipped (a teacher-forced prefix, ANSWER_PREFIX): one
      forward pass per score instead of ~100 generated tokens, and continuous. The release has a similar
-     "logits_non_cot" server (digit logits at the first answer token). It asks the critic for a snap
-     judgement it was never trained to give: benchmarks/bench_reward.py measures how far it lies from the
-     generated score before you trust it.
+     "logits_non_cot" server (digit logits at the first answer token). In process only: the chat API gives no
+     digit probabilities after a forced prefix. It asks the critic for a snap judgement it was never trained
+     to give: benchmarks/bench_reward.py measures how far it lies from the generated score before you trust it.
   4. Beyond the paper: samples=N, EditScore-style self-ensembling (mean of N sampled answers).
   5. Scores are normalised as (s - 1) / 4, as the release's CME config ("range_1_5") and gen reward do.
   6. Answer limits per mode are the release's (MAX_NEW_TOKENS: 256 edit, 8192 gen); an answer that hits the
@@ -41,26 +32,21 @@ Departures from the paper and its release:
 import argparse
 import base64
 import copy
-import hmac
+import http.client
 import io
 import json
 import os
-import queue
 import re
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from common import (DataError, append_jsonl, check_model_dir, die, load_image, read_jsonl_resumable, read_manifest,
-                    read_secret, run_stage)
+from common import DataError, append_jsonl, check_model_dir, load_image, read_jsonl_resumable, read_manifest, run_stage
 
 # -----------------------------------------------------------------------------
 # scoring prompts (our wording of the rubrics in FIRM_NOTES section 2). The critic is trained on
@@ -369,6 +355,38 @@ def item_text(mode, item):
     return item.get("prompt") if mode in GEN_MODES or item.get("instruction") is None else item["instruction"]
 
 
+def check_items(mode, items, prompts=PROMPTS):
+    """The critic's user turn (content parts) for each item; a bad item raises before any model work, naming its
+    index and field."""
+    if mode not in N_SCORES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {list(N_SCORES)}")
+    turns = []
+    for i, it in enumerate(items):
+        for k in IMAGE_FIELDS[mode]:
+            if not hasattr(it.get(k), "convert"):
+                raise ValueError(f"item {i}: field '{k}' must be a PIL image, got {type(it.get(k)).__name__}")
+        text = item_text(mode, it)
+        if not isinstance(text, str) and mode != "quality":
+            raise ValueError(f"item {i}: field '{'instruction' if mode in EDIT_MODES else 'prompt'}' must be a string")
+        turns.append(critic_messages(mode, text or "", it.get("requirement"), prompts)[0]["content"])
+    return turns
+
+
+def judge_answers(mode, texts, cut, limit):
+    """One item's answer(s) -> its Judgement. One answer: its parse (an answer stopped by the length limit before a
+    score is "cut"). Several (samples): the mean of those that parsed, EditScore's self-ensemble."""
+    parsed = [parse_score(t, N_SCORES[mode], mode) for t in texts]
+    parsed = [Parsed(None, "cut", f"answer cut at max_new_tokens={limit} before a score") if c and not p.ok else p
+              for p, c in zip(parsed, cut)]
+    text, good = "\n---\n".join(texts), [p.scores for p in parsed if p.ok]
+    if len(texts) == 1:
+        return Judgement(parsed[0].scores, text, parsed[0].ok, parsed[0].error, parsed[0].how)
+    if not good:
+        return Judgement(None, text, False, f"none of {len(texts)} samples parsed", "failed")
+    missed = f"{len(texts) - len(good)} of {len(texts)} samples did not parse" if len(good) < len(texts) else ""
+    return Judgement([sum(s) / len(good) for s in zip(*good)], text, True, missed, "ensemble")
+
+
 class Critic:
     """A critic model directory (tiny critic, Qwen3-VL-8B-Instruct, FIRM-Edit-8B, ...), loaded once.
 
@@ -382,6 +400,7 @@ class Critic:
           fails when the digits get < min_digit_mass of the probability.
       samples > 1 (generate only): the mean over the sampled answers that parsed (EditScore's self-ensemble),
           drawn with the checkpoint's generation_config and torch's global RNG.
+    chat(images, text, max_new_tokens) -> a free-form greedy answer (curate's model judge).
     `model` / `processor` may replace model_dir (the tests pass a stub model and the real processor).
     """
 
@@ -405,20 +424,10 @@ class Critic:
 
     @torch.inference_mode()
     def score(self, mode, items, method="generate", samples=1):
-        if mode not in N_SCORES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {list(N_SCORES)}")
         check_method(method, samples)
-        keys, chats, images = IMAGE_FIELDS[mode], [], []
-        for i, it in enumerate(items):  # a bad item raises before any model work, naming its index and field
-            for k in keys:
-                if not hasattr(it.get(k), "convert"):
-                    raise ValueError(f"item {i}: field '{k}' must be a PIL image, got {type(it.get(k)).__name__}")
-            text = item_text(mode, it)
-            if not isinstance(text, str) and mode != "quality":
-                raise ValueError(f"item {i}: field '{'instruction' if mode in EDIT_MODES else 'prompt'}' must be a string")
-            msgs = critic_messages(mode, text or "", it.get("requirement"), self.prompts)
-            chats.append(self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-            images.append([it[k].convert("RGB") for k in keys])
+        chats = [self.processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                                    tokenize=False) for parts in check_items(mode, items, self.prompts)]
+        images = [[it[k].convert("RGB") for k in IMAGE_FIELDS[mode]] for it in items]
         out = []
         for s in range(0, len(items), self.batch_size):
             batch = self.processor(text=chats[s:s + self.batch_size], images=images[s:s + self.batch_size],
@@ -438,21 +447,20 @@ class Critic:
         eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
         ended = torch.isin(seqs, torch.tensor([e for e in eos if e is not None], device=seqs.device)).any(1).tolist()
         cut = [not e and seqs.shape[1] >= limit for e in ended]  # stopped by the limit, not by the critic
-        out = []
-        for i in range(0, len(texts), samples):  # generate returns each item's samples next to each other
-            group = texts[i:i + samples]
-            text, parsed = "\n---\n".join(group), [parse_score(t, N_SCORES[mode], mode) for t in group]
-            parsed = [Parsed(None, "cut", f"answer cut at max_new_tokens={limit} before a score") if c and not p.ok else p
-                      for p, c in zip(parsed, cut[i:i + samples])]
-            good = [p.scores for p in parsed if p.ok]
-            if samples == 1:
-                out.append(Judgement(parsed[0].scores, text, parsed[0].ok, parsed[0].error, parsed[0].how))
-            elif not good:
-                out.append(Judgement(None, text, False, f"none of {samples} samples parsed", "failed"))
-            else:
-                missed = f"{samples - len(good)} of {samples} samples did not parse" if len(good) < samples else ""
-                out.append(Judgement([sum(s) / len(good) for s in zip(*good)], text, True, missed, "ensemble"))
-        return out
+        # generate returns each item's samples next to each other
+        return [judge_answers(mode, texts[i:i + samples], cut[i:i + samples], limit) for i in range(0, len(texts), samples)]
+
+    @torch.inference_mode()
+    def chat(self, images, text, max_new_tokens=512):
+        """A free-form question about `images` (curate's difference reports and plans): the greedy answer."""
+        parts = content_parts(mark_images(text, len(images), "the judge prompt"))
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                                    tokenize=False)
+        batch = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt").to(self.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        seq = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)[0, batch["input_ids"].shape[1]:]
+        return self.tok.decode(seq, skip_special_tokens=True)
 
     def score_slots(self, mode):
         """Token ids of the forced answer: (prefix ids, [ids of the digits 1..5 per score slot], separator ids).
@@ -506,7 +514,7 @@ class Critic:
 # rewards for the RL scripts: a parse failure never raises, it is counted
 
 def edit_rewards(scorer, items, fusion="cme", on_failure="drop", method="generate", samples=1):
-    """Edit rewards in [0, 1] from a Critic or a RewardClient: fusion "cme" (paper), "sum55" or "sum64".
+    """Edit rewards in [0, 1] from a Critic or a ServedCritic: fusion "cme" (paper), "sum55" or "sum64".
 
     A parse failure in either mode makes that item's reward None with on_failure="drop" (the default:
     the RL caller drops the sample from its group, so a broken answer neither rewards nor punishes the
@@ -551,358 +559,154 @@ def fuse_judgements(per_mode, fusion, on_failure="drop"):
 
 
 # -----------------------------------------------------------------------------
-# the wire format (JSON, base64 images; the release's field names) and the client
+# critics served by an inference engine: any OpenAI-compatible /v1/chat/completions (vLLM, SGLang, `transformers serve`)
 
-class RequestError(Exception):
-    """A request the server refuses: HTTP status + a message naming the field."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
+API_KEY_ENV = "FIRM_CRITIC_API_KEY"  # the endpoint's key, read from the environment only: never argv, never a file
 
 
-def encode_image(im, fmt="PNG"):
+class CriticServerError(DataError):
+    """The endpoint refuses the request itself (wrong model name, wrong key, a field it does not take): retrying
+    cannot help, so the run stops (exit status 2, common.run_stage) with the server's own words."""
+
+
+def data_url(im):
+    """A PIL image as a base64 PNG data URL, the way the chat API takes images."""
     buf = io.BytesIO()
-    im.convert("RGB").save(buf, format=fmt)
-    return base64.b64encode(buf.getvalue()).decode()
+    im.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def decode_image(s, where):
-    if not isinstance(s, str):
-        raise RequestError(400, f"{where}: expected a base64 string, got {type(s).__name__}")
-    try:
-        data = base64.b64decode(s.split(",", 1)[1] if s.startswith("data:") else s, validate=True)  # data: URLs too
-        im = Image.open(io.BytesIO(data))
-        if im.format in ("PNG", "JPEG"):
-            return im.convert("RGB")
-    except ValueError as e:  # binascii.Error
-        raise RequestError(400, f"{where}: not valid base64 ({e})") from None
-    except (OSError, Image.DecompressionBombError) as e:  # OSError includes PIL's UnidentifiedImageError
-        raise RequestError(400, f"{where}: not a readable PNG or JPEG image ({e})") from None
-    raise RequestError(400, f"{where}: {im.format} image; send PNG or JPEG")
+def api_content(parts, images):
+    """Chat-template content parts ({"type": "image"} placeholders) -> the API's parts, the images in order."""
+    left = iter(images)
+    return [{"type": "image_url", "image_url": {"url": data_url(next(left))}} if p["type"] == "image" else p for p in parts]
 
 
-def items_to_request(mode, items, fmt="PNG"):
-    edit = mode in EDIT_MODES
-    body = {"images": [encode_image(it["edited" if edit else "image"], fmt) for it in items],
-            "prompts": [item_text(mode, it) or "" for it in items],
-            "metadatas": [{"requirement": it.get("requirement")} for it in items]}
-    if edit:
-        body["ref_images"] = [encode_image(it["source"], fmt) for it in items]
-    return body
+class ServedCritic:
+    """A critic behind an OpenAI-compatible endpoint, with Critic's interface: score(mode, items, method, samples)
+    and chat(images, text). The same prompts (images as base64 PNG in the prompt's order, source first for edits),
+    the same parsing, failures counted with their raw text.
 
-
-def request_to_items(kind, body, max_items):
-    """Validate a request body and turn it into Critic items; the RequestError names what is wrong."""
-    def need(ok, message, status=400):
-        if not ok:
-            raise RequestError(status, message)
-
-    edit = kind == "edit"
-    need(isinstance(body, dict), "request body must be a JSON object")
-    images = body.get("images")
-    need(isinstance(images, list) and images, "field 'images' must be a non-empty list of base64 images")
-    n = len(images)
-    need(n <= max_items, f"field 'images': {n} items > the server's limit of {max_items} per request", 413)
-    for field in ("prompts", "ref_images") if edit else ("prompts",):
-        v = body.get(field)
-        need(isinstance(v, list) and len(v) == n, f"field '{field}' must be a list with one entry per image ({n}), "
-                                                  f"got {len(v) if isinstance(v, list) else type(v).__name__}")
-    metas = body.get("metadatas") or [{}] * n
-    need(isinstance(metas, list) and len(metas) == n and all(isinstance(m, dict) for m in metas),
-         f"field 'metadatas' must be a list of {n} objects")
-    method, samples = body.get("method", "generate"), body.get("samples", 1)
-    try:
-        check_method(method, samples, max_samples=32)
-    except ValueError as e:
-        raise RequestError(400, f"field {e}") from None
-    items = []
-    for i, (prompt, meta) in enumerate(zip(body["prompts"], metas)):
-        need(isinstance(prompt, str), f"field 'prompts'[{i}] must be a string")
-        need(isinstance(meta.get("requirement"), (str, type(None))),
-             f"field 'metadatas'[{i}].requirement must be a string or null")
-        it = {"requirement": meta.get("requirement") or None, ("instruction" if edit else "prompt"): prompt,
-              ("edited" if edit else "image"): decode_image(images[i], f"field 'images'[{i}]")}
-        if edit:
-            it["source"] = decode_image(body["ref_images"][i], f"field 'ref_images'[{i}]")
-        items.append(it)
-    return items, method, samples
-
-
-def judgements_to_response(mode, js):
-    one = N_SCORES[mode] == 1
-    return {"scores": [(j.scores[0] if one else j.scores) if j.ok else None for j in js],
-            "reasonings": [j.text for j in js], "ok": [j.ok for j in js], "errors": [j.error for j in js],
-            "how": [j.how for j in js], "parse_failures": sum(not j.ok for j in js)}
-
-
-def response_to_judgements(resp):
-    return [Judgement(None if s is None else (s if isinstance(s, list) else [s]), t, ok, e, h)
-            for s, t, ok, e, h in zip(resp["scores"], resp["reasonings"], resp["ok"], resp["errors"], resp["how"])]
-
-
-class RewardClient:
-    """The reward server as a scorer: .score(mode, items, method, samples) like Critic.score.
-
-    Items go in requests of `chunk`; each HTTP call has a `timeout` (s); connection errors, timeouts and
-    5xx answers are retried with exponential backoff (1, 2, 4, ... s); a 4xx answer (a bad request)
-    raises ValueError at once. Keep `timeout` above the time the server needs to work through the
-    requests queued before yours (all RL ranks together): a timed-out call is sent again.
+    url: the API base, e.g. http://host:8000/v1; model: the served model name (None: the only one served).
+    Requests run `concurrency` at a time from each process (every RL rank sends its own), each waiting at most
+    `timeout` s (an engine queues: allow for the queue too). Connection errors, timeouts and 5xx answers are retried
+    `retries` times with exponential backoff; an item still unanswered is a counted failure (how "unanswered"),
+    so a critic server that dies costs one step's rewards, not the run. 4xx answers (wrong model name, wrong key)
+    raise CriticServerError at once. The key comes from $FIRM_CRITIC_API_KEY.
+    Greedy answers (samples=1) ask for temperature 0. samples=N asks for N choices (the API's `n`) at the
+    server's default sampling settings; a server that returns fewer (transformers serve ignores `n`) is an error.
+    method "expected" needs the digit probabilities after a forced answer prefix, which the chat API does not give:
+    it is in process only.
     """
 
-    def __init__(self, url="http://127.0.0.1:8765", token=None, timeout=600, retries=3, chunk=64):
-        self.url, self.timeout, self.retries, self.chunk = url.rstrip("/"), timeout, retries, chunk
-        self.token = token or os.environ.get("FIRM_REWARD_TOKEN")
+    def __init__(self, url, model=None, prompt_file=None, max_new_tokens=None, timeout=600, retries=3, concurrency=8):
+        self.url, self.api_key = url.rstrip("/"), os.environ.get(API_KEY_ENV) or None
+        self.prompts, self.max_new_tokens = load_prompts(prompt_file), max_new_tokens
+        self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
+        served = [m.get("id") for m in self._call("GET", "/models").get("data", [])]
+        if model is None and len(served) != 1:
+            raise CriticServerError(f"{self.url} serves {served}: name one as {self.url}#<served model name>")
+        if model is not None and model not in served:
+            raise CriticServerError(f"{self.url} does not serve {model!r}; it serves {served}")
+        self.model = model or served[0]
 
-    def _call(self, path, body=None):
+    def __repr__(self):
+        return f"ServedCritic({self.url}#{self.model})"
+
+    def _call(self, method, path, body=None):
+        """One request with retries: the decoded JSON answer, CriticServerError on a 4xx, OSError when unreachable."""
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.token}"} if self.token else {})
-        last = None
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(2 ** (attempt - 1), 30))
             try:
-                req = urllib.request.Request(self.url + path, data=data, headers=headers, method="POST" if data else "GET")
+                req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     return json.loads(r.read())
             except urllib.error.HTTPError as e:
-                msg = e.read().decode(errors="replace")
-                try:
-                    msg = json.loads(msg)["error"]
-                except (ValueError, KeyError, TypeError):
-                    pass
+                said = e.read()[:500].decode(errors="replace")
+                if e.code in (401, 403):
+                    raise CriticServerError(f"{self.url}{path}: HTTP {e.code}, the key was refused (${API_KEY_ENV} "
+                                            f"{'is not set' if not self.api_key else 'holds another key'}): {said}") from None
                 if e.code < 500:
-                    raise ValueError(f"reward server {self.url}{path} refused the request ({e.code}): {msg}") from None
-                last = f"HTTP {e.code}: {msg}"
-            except (urllib.error.URLError, OSError, ValueError) as e:  # refused, reset, timed out, torn answer
-                last = f"{type(e).__name__}: {e}"
-        raise ConnectionError(f"reward server {self.url}{path} failed {self.retries + 1} times; last error: {last}")
+                    raise CriticServerError(f"{self.url}{path}: HTTP {e.code}: {said}") from None
+                error = OSError(f"{self.url}{path}: HTTP {e.code}: {said}")
+            except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:  # refused, reset, timed out, cut off
+                error = e
+            if attempt < self.retries:
+                time.sleep(min(30.0, 2.0 ** attempt))
+        raise OSError(f"{self.url}{path}: no answer after {self.retries + 1} tries: {error}")
+
+    def complete(self, parts, images, max_tokens, samples=1):
+        """One user turn -> [(text, finish_reason)], one per sample."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": api_content(parts, images)}],
+                "max_tokens": max_tokens}
+        body |= {"temperature": 0} if samples == 1 else {"n": samples}
+        choices = self._call("POST", "/chat/completions", body).get("choices") or []
+        if len(choices) != samples:
+            raise CriticServerError(f"{self.url}: asked for {samples} answers (n), got {len(choices)}; this server does "
+                                    "not sample several answers per request: use samples=1")
+        return [((c.get("message") or {}).get("content") or "", c.get("finish_reason")) for c in choices]
+
+    def chat(self, images, text, max_new_tokens=512):
+        """A free-form question about `images` (curate's difference reports and plans): the greedy answer."""
+        return self.complete(content_parts(mark_images(text, len(images), "the judge prompt")), images, max_new_tokens)[0][0]
 
     def score(self, mode, items, method="generate", samples=1):
-        out = []
-        for i in range(0, len(items), self.chunk):
-            body = items_to_request(mode, items[i:i + self.chunk]) | {"method": method, "samples": samples}
-            out += response_to_judgements(self._call(f"/score/{mode}", body))
-        return out
+        if method != "generate":
+            raise ValueError(f"method {method!r} needs the critic in process (a model directory): the chat API has no "
+                             "digit probabilities after a forced answer prefix")
+        chats = check_items(mode, items, self.prompts)
+        limit = self.max_new_tokens or MAX_NEW_TOKENS[mode]
 
-    def health(self):
-        return self._call("/health")
-
-
-# -----------------------------------------------------------------------------
-# the reward server: HTTP threads parse and validate; ONE worker thread owns the model(s) and batches
-# the requests of concurrent clients (same mode/method/samples) together up to max_batch items.
-
-class Batcher:
-    def __init__(self, critics, max_batch=16, wait_ms=5.0):
-        self.critics, self.max_batch, self.window = critics, max_batch, wait_ms / 1000
-        self.queue, self.t0 = queue.Queue(), time.time()
-        self.stats = {"items": 0, "batches": 0, "requests": 0, "parse_failures": {m: 0 for m in critics}}
-        threading.Thread(target=self._loop, daemon=True, name="critic-worker").start()
-
-    def score(self, modes, items, method, samples, timeout):
-        """{mode: [Judgement]}: one job per mode, all queued before waiting on any (an HTTP thread calls this)."""
-        jobs = {m: {"key": (m, method, samples), "items": items, "done": threading.Event(), "out": None, "err": None}
-                for m in modes}
-        for job in jobs.values():
-            self.queue.put(job)
-        self.stats["requests"] += 1
-        for job in jobs.values():
-            if not job["done"].wait(timeout):
-                for j in jobs.values():
-                    j["cancelled"] = True  # nobody waits for them any more: the worker skips them
-                raise RequestError(503, f"the critic did not answer within {timeout} s (queue {self.queue.qsize()} jobs)")
-            if job["err"]:
-                raise RuntimeError(job["err"])
-        return {m: job["out"] for m, job in jobs.items()}
-
-    def _loop(self):
-        pending = []  # jobs taken off the queue and not yet scored, oldest first
-        while True:
-            if not pending:
-                pending.append(self.queue.get())
-            deadline = time.time() + self.window  # a short window for more requests to join this batch
-            while sum(len(j["items"]) for j in pending if j["key"] == pending[0]["key"]) < self.max_batch:
-                try:
-                    pending.append(self.queue.get(timeout=max(0.0, deadline - time.time())))
-                except queue.Empty:
-                    break
-            pending = [j for j in pending if not j.get("cancelled")]
-            if not pending:
-                continue
-            key, group, n = pending[0]["key"], [], 0  # the oldest job, and what fits beside it
-            for j in pending:
-                if j["key"] == key and (not group or n + len(j["items"]) <= self.max_batch):
-                    group.append(j)
-                    n += len(j["items"])
-            pending = [j for j in pending if all(j is not g for g in group)]
-            mode, method, samples = key
+        def judge(k):
             try:
-                js = self.critics[mode].score(mode, [it for j in group for it in j["items"]], method, samples)
-                self.stats["parse_failures"][mode] += sum(not j.ok for j in js)
-                self.stats["items"] += n
-                self.stats["batches"] += 1
-                for j in group:
-                    j["out"], js = js[:len(j["items"])], js[len(j["items"]):]
-            except Exception as e:  # a crash in the model (e.g. out of memory) fails these requests, never the server
-                torch.cuda.empty_cache()  # a no-op without CUDA
-                for j in group:
-                    j["err"] = f"critic failed: {type(e).__name__}: {e}"
-            for j in group:
-                j["done"].set()
+                answers = self.complete(chats[k], [items[k][f] for f in IMAGE_FIELDS[mode]], limit, samples)
+            except OSError as e:  # the server is gone or failing: this item has no score, counted, the run goes on
+                return Judgement(None, "", False, str(e), "unanswered")
+            return judge_answers(mode, [t for t, _ in answers], [f == "length" for _, f in answers], limit)
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(judge, range(len(items))))
 
 
-def make_server(critics, host="127.0.0.1", port=8765, token=None, max_bytes=64 << 20, max_items=256, max_batch=16,
-                wait_ms=5.0, request_timeout=600, quiet=False):
-    """A ThreadingHTTPServer for critics {mode: Critic}; call .serve_forever() (port 0 = any free port)."""
-    batcher = Batcher(critics, max_batch, wait_ms)
-
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 120  # seconds a client may take to send its request (a stalled client frees its thread)
-
-        def log_message(self, fmt, *args):
-            if not quiet:
-                sys.stderr.write(f"[reward] {self.address_string()} {fmt % args}\n")
-
-        def _send(self, status, obj):
-            data = json.dumps(obj).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):  # the client left; nothing to tell it
-                pass
-
-        def do_GET(self):
-            if self.path != "/health":
-                return self._send(404, {"error": f"no such endpoint {self.path}; GET /health"})
-            self._send(200, {"status": "ok", "modes": sorted(critics), "queued": batcher.queue.qsize(),
-                             "uptime_s": round(time.time() - batcher.t0, 1), **batcher.stats})
-
-        def do_POST(self):
-            try:
-                self._send(200, self._post())
-            except RequestError as e:
-                self._send(e.status, {"error": str(e)})
-            except Exception as e:  # a bug or a crashed critic fails this request only
-                self._send(500, {"error": f"{type(e).__name__}: {e}"})
-
-        def _read_body(self):
-            """The body, read in full even when refused, so the client gets our answer, not a reset socket."""
-            size = self.headers.get("Content-Length", "")
-            size = int(size) if size.isdigit() else -1
-            if size < 0:
-                self.close_connection = True
-                raise RequestError(411, "a valid Content-Length header is required")
-            if size > max_bytes:
-                self.close_connection = True
-                left = size if size <= 8 * max_bytes else 0  # drain a moderately large one; drop a huge one
-                while left > 0:
-                    chunk = self.rfile.read(min(1 << 16, left))
-                    left = left - len(chunk) if chunk else 0
-                raise RequestError(413, f"request of {size} bytes > the limit of {max_bytes} bytes (--max-request-mb)")
-            return self.rfile.read(size)
-
-        def _post(self):
-            data = self._read_body()
-            if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
-                raise RequestError(401, "missing or wrong bearer token (header 'Authorization: Bearer <token>')")
-            where, _, name = self.path.rstrip("/").replace("/mode/score_", "/score/").rpartition("/")  # + release path
-            kind = name if where == "/reward" and name in REWARDS else None
-            mode = name if where == "/score" and name in N_SCORES else None
-            if not (kind or mode):
-                raise RequestError(404, f"no such endpoint {self.path}; "
-                                        f"POST /score/<{'|'.join(N_SCORES)}>, /reward/edit, /reward/gen")
-            modes = REWARDS[kind][0] if kind else (mode,)
-            if any(m not in critics for m in modes):
-                raise RequestError(404, f"this server has no critic for {[m for m in modes if m not in critics]}; "
-                                        f"it serves {sorted(critics)}")
-            try:
-                body = json.loads(data)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"request body is not valid JSON ({e})") from None
-            items, method, samples = request_to_items("edit" if modes[0] in EDIT_MODES else "gen", body, max_items)
-            results = batcher.score(modes, items, method, samples, request_timeout)
-            if mode:
-                return judgements_to_response(mode, results[mode])
-            per = {m: judgements_to_response(m, results[m]) for m in modes}
-            out = {k: {m: per[m][k] for m in modes} for k in ("scores", "reasonings", "ok", "errors", "parse_failures")}
-            out["rewards"] = {f: fuse_judgements(results, f)[0] for f in REWARDS[kind][1]}
-            return out
-
-    return ThreadingHTTPServer((host, port), Handler)
+def open_critic(spec, device=None, dtype=None, prompt_file=None, max_new_tokens=None, batch_size=16, **served):
+    """A critic named one way in every script: a model directory (Critic, scored in this process) or an
+    OpenAI-compatible endpoint URL, http(s)://host:port/v1[#served model name] (ServedCritic)."""
+    if re.match(r"https?://", spec):
+        url, _, name = spec.partition("#")
+        return ServedCritic(url, name or None, prompt_file, max_new_tokens, **served)
+    return Critic(spec, device, dtype, prompt_file, max_new_tokens, batch_size)
 
 
 # -----------------------------------------------------------------------------
 # CLI
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="FIRM critics: score items or serve rewards")
+    ap = argparse.ArgumentParser(description="FIRM critics: score a JSONL of items")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    serve, score = sub.add_parser("serve", formatter_class=fmt), sub.add_parser("score", formatter_class=fmt)
-    for p in (serve, score):
-        # critic
-        p.add_argument("--model", default=None, help="critic model directory (serve: for every mode)")
-        p.add_argument("--prompt-file", default=None,
-                       help="JSON {mode: template, answer_prefix: {...}} a checkpoint was trained with")
-        p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-        p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                       help="default bf16 on GPU, fp32 on CPU")
-        p.add_argument("--batch-size", type=int, default=16, help="items per forward/generate batch")
-        p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per generated answer (default: the "
-                       "release's per-mode limit, 256 edit / 8192 gen)")
-        p.add_argument("--min-digit-mass", type=float, default=0.5, help="'expected': fail below this digit probability")
-        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-        p.add_argument("--token-file", default=None, help="file holding the bearer token the server requires / the client "
-                       "sends (default: $FIRM_REWARD_TOKEN); never the token itself: argv is visible to every user")
-    # serve
-    serve.add_argument("--edit-model", default=None, help="critic for execution/consistency")
-    serve.add_argument("--gen-model", default=None, help="critic for instruction/quality")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
-    serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--max-request-mb", type=float, default=64, help="request size limit in MiB")
-    serve.add_argument("--max-items", type=int, default=256, help="items per request")
-    serve.add_argument("--batch-wait-ms", type=float, default=5, help="ms to wait for more requests to join a batch")
-    serve.add_argument("--request-timeout", type=float, default=600, help="s a request may wait for the critic")
-    # score
-    score.add_argument("--url", default=None, help="score through a reward server instead of loading --model")
+    score = sub.add_parser("score", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    score.add_argument("--model", required=True, help="the critic: a model directory (scored in this process) or an "
+                       "OpenAI-compatible endpoint, http://host:port/v1[#served model name] (key: $FIRM_CRITIC_API_KEY)")
     score.add_argument("--input", required=True,
                        help="JSONL: edit {id, source, edited, instruction} or gen {id, image, prompt}")
     score.add_argument("--out", required=True, help="JSONL of judgements (resumes: ids already there are skipped)")
     score.add_argument("--mode", default=None, choices=list(N_SCORES), help="default: each row's 'mode' field")
-    score.add_argument("--method", default="generate", choices=["generate", "expected"])
+    score.add_argument("--method", default="generate", choices=["generate", "expected"],
+                       help="'expected' (digit probabilities) needs a model directory")
     score.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")
+    score.add_argument("--prompt-file", default=None,
+                       help="JSON {mode: template, answer_prefix: {...}} a checkpoint was trained with")
+    score.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    score.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                       help="default bf16 on GPU, fp32 on CPU")
+    score.add_argument("--batch-size", type=int, default=16, help="items per forward/generate batch (in process)")
+    score.add_argument("--max-new-tokens", type=int, default=None, help="tokens per generated answer (default: the "
+                       "release's per-mode limit, 256 edit / 8192 gen)")
+    score.add_argument("--min-digit-mass", type=float, default=0.5, help="'expected': fail below this digit probability")
+    score.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     return ap.parse_args(argv)
 
 
-def load_critic(args, path):
-    return Critic(path, args.device, args.dtype, args.prompt_file, args.max_new_tokens, args.batch_size, args.min_digit_mass)
-
-
-def run_serve(args):
-    paths = {m: args.edit_model or args.model for m in EDIT_MODES} | {m: args.gen_model or args.model for m in GEN_MODES}
-    paths = {m: p for m, p in paths.items() if p}
-    if not paths:
-        die("give --model DIR, or --edit-model DIR and/or --gen-model DIR")
-    loaded = {p: load_critic(args, p) for p in set(paths.values())}  # one copy of a model serving several modes
-    token = read_secret("FIRM_REWARD_TOKEN", args.token_file)
-    server = make_server({m: loaded[p] for m, p in paths.items()}, args.host, args.port, token,
-                         int(args.max_request_mb * (1 << 20)), args.max_items, args.batch_size, args.batch_wait_ms,
-                         args.request_timeout)
-    print(f"serving {sorted(paths)} on http://{args.host}:{server.server_address[1]} "
-          f"({'token required' if token else 'no token'}; max batch {args.batch_size})", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.server_close()
-
-
 def run_score(args):
-    if not (args.url or args.model):
-        die("give --model DIR or --url URL")
     fields = {"id": "id", "mode": "str?", "instruction": "str?", "prompt": "str?", "requirement": "str?",
               "source": "image?", "edited": "image?", "image": "image?", "human_score": "scores?"}
     lines, base, seen = read_manifest(args.input, fields, unique=None, images="decode", lines=True), Path(args.input).parent, {}
@@ -920,7 +724,9 @@ def run_score(args):
     rows = [r for _, r in lines]
     done = {(r["id"], r["mode"]) for r in read_jsonl_resumable(args.out)}
     todo = [r for r in rows if (r["id"], r["mode"]) not in done]
-    scorer = RewardClient(args.url, read_secret("FIRM_REWARD_TOKEN", args.token_file)) if args.url else load_critic(args, args.model)
+    scorer = open_critic(args.model, args.device, args.dtype, args.prompt_file, args.max_new_tokens, args.batch_size)
+    if isinstance(scorer, Critic):
+        scorer.min_digit_mass = args.min_digit_mass
     t0, step = time.time(), 4 * args.batch_size  # append every few batches: a killed run resumes
     for mode in N_SCORES:
         group = [r for r in todo if r["mode"] == mode]
@@ -945,7 +751,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"serve": run_serve, "score": run_score}[args.cmd](args)
+    run_score(args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ default; what is saved is the EMA of the adapters, as a diffusers LoRA file.
     torchrun --standalone --nproc_per_node=2 rl_edit.py --preset mini --reward cme
     torchrun --standalone --nproc_per_node=8 rl_edit.py --model /ckpt/Qwen-Image-Edit-2509 \\
         --prompts edits.jsonl --reward-model /ckpt/FIRM-Edit-8B --out ckpt/firm-qwen-edit
-    python rl_edit.py ... --reward-url http://critic-host:8765   # critic served by `python reward.py serve`
+    python rl_edit.py ... --reward-model http://critic-host:8000/v1#firm-edit   # a critic served by vLLM (README)
 
 Accepts Qwen-Image-Edit-2509 checkpoints (QwenImageEditPlusPipeline), as the release trains; others are refused.
 
@@ -72,9 +72,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, fill_from_rank0, full_state_of,
-                    image_grid, load_image, load_on_rank0, pil_to_tensor, plot_curves, print0, read_jsonl_resumable,
-                    read_manifest, read_secret, run_stage, save_diffusers_model, save_lora_files, seed_everything, setup_dist,
+from common import (DataError, MetricsLog, cleanup_dist, every, fill_from_rank0, full_state_of, image_grid,
+                    load_image, load_on_rank0, pil_to_tensor, plot_curves, print0, read_jsonl_resumable,
+                    read_manifest, run_stage, save_diffusers_model, save_lora_files, seed_everything, setup_dist,
                     tensor_to_pil, write_json, write_jsonl)
 from rl_gen import (clone_weights, find_checkpoint, full_weights, group_advantages, load_checkpoint, nft_step, noise_levels,
                     ode_sample, optimality_probability, rectified_flow_interp, save_checkpoint, use_weights)
@@ -393,13 +393,10 @@ class Rewarder:
         self.fusion, self.method = args.reward, args.reward_method
         if args.reward.startswith("pixel"):
             self.scorer = None
-        elif args.reward_url:
-            from reward import RewardClient
-            self.scorer = RewardClient(args.reward_url, token=read_secret("FIRM_REWARD_TOKEN", args.reward_token_file))
         else:
-            from reward import Critic
-            self.scorer = Critic(args.reward_model, device=device, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.reward_batch)
+            from reward import open_critic
+            self.scorer = open_critic(args.reward_model, device=device, max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.reward_batch)
 
     def score(self, records, sources, edited):
         if not records:
@@ -547,10 +544,9 @@ def get_args(argv=None):
                     default="cme", help="fusion of the critic's execution E and consistency C: cme = E(0.6 + 0.4C) "
                     "(paper); sum55 / sum64 = 0.5E + 0.5C / 0.6E + 0.4C (Table 5 baselines). Miniature world only: "
                     "pixel = the exact pixel judge; pixel-* = the fusions with E, C from the pixel judge (see Rewarder)")
-    ap.add_argument("--reward-model", default=None, help="edit critic directory (FIRM-Edit-8B, or the tiny critic), loaded on every rank")
-    ap.add_argument("--reward-url", default=None, help="score with a critic server (python reward.py serve) instead of in process")
-    ap.add_argument("--reward-token-file", default=None, help="file holding the bearer token for --reward-url (default: "
-                    "$FIRM_REWARD_TOKEN); the token itself never goes on the command line, nor into any output")
+    ap.add_argument("--reward-model", default=None, help="the edit critic: a model directory, loaded on every rank "
+                    "(FIRM-Edit-8B, or the tiny critic), or an OpenAI-compatible endpoint http://host:port/v1[#served "
+                    "name] (reward.open_critic; its key from $FIRM_CRITIC_API_KEY)")
     ap.add_argument("--reward-method", choices=["generate", "expected"], default="generate",
                     help="critic scoring: greedy answer then parse (paper), or expected score from digit probabilities")
     ap.add_argument("--reward-batch", type=int, default=16, help="items per critic forward")
@@ -602,8 +598,8 @@ def get_args(argv=None):
     for flag in ("model", "prompts", "out"):
         if not getattr(args, flag):
             ap.error(f"--{flag} is required (or use --preset mini)")
-    if not args.reward.startswith("pixel") and not (args.reward_model or args.reward_url):
-        ap.error("--reward-model or --reward-url is required (or --reward pixel on the miniature world)")
+    if not args.reward.startswith("pixel") and not args.reward_model:
+        ap.error("--reward-model is required (or --reward pixel on the miniature world)")
     return args
 
 
@@ -624,18 +620,14 @@ def main(args):
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    try:
-        records = load_prompt_records(args.prompts)
-        test = load_prompt_records(args.test_prompts) if args.test_prompts else records
-        if not (args.reward.startswith("pixel") or args.reward_url):
-            check_model_dir(args.reward_model or "", "--reward-model")
-        if args.reward.startswith("pixel") and any("toy" not in r for r in records):
-            raise DataError(f"{args.prompts}: --reward {args.reward} needs the miniature world's records (field 'toy')")
-        # LoRA: frozen base in the compute dtype, fp32 adapters; full fine-tuning: fp32 master weights
-        editor = load_editor(args.model, device=device, resolution=args.resolution, place=False, rank=rank,
-                             transformer_dtype=torch.float32 if args.full_finetune else None)
-    except DataError as e:
-        die(str(e))
+    records = load_prompt_records(args.prompts)
+    test = load_prompt_records(args.test_prompts) if args.test_prompts else records
+    if args.reward.startswith("pixel") and any("toy" not in r for r in records):
+        raise DataError(f"{args.prompts}: --reward {args.reward} needs the miniature world's records (field 'toy')")
+    rewarder = Rewarder(args, device)  # before the editor: a wrong critic path or URL fails in seconds
+    # LoRA: frozen base in the compute dtype, fp32 adapters; full fine-tuning: fp32 master weights
+    editor = load_editor(args.model, device=device, resolution=args.resolution, place=False, rank=rank,
+                         transformer_dtype=torch.float32 if args.full_finetune else None)
     test = test[:args.eval_prompts]
     sources, test_sources = Sources(records), [load_image(r["image_path"]) for r in test]
     tr = editor.transformer
@@ -652,7 +644,6 @@ def main(args):
     # (rollout) policy and the EMA that gets saved. All are sharded like the parameters themselves.
     ref, old, ema = clone_weights(params), clone_weights(params), clone_weights(params)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    rewarder = Rewarder(args, device)
     start = 0
     ckpt = find_checkpoint(out, rank) if args.resume else None
     if ckpt is not None:

@@ -20,7 +20,7 @@ one per rank, so the group size need not divide the number of GPUs; rewards are 
   python rl_gen.py --preset mini --reward pixel --out runs/mini/rl_gen_pixel   # exact reward: the algorithm check
   torchrun --standalone --nproc_per_node=8 rl_gen.py --model /ckpt/stable-diffusion-3.5-medium \
       --prompts prompts.jsonl --test-prompts test.jsonl --reward-model /ckpt/FIRM-Gen-8B --out runs/firm-sd35
-  (or --reward-url http://host:8765 to score with reward.py's server instead of an in-process critic)
+  (or --reward-model http://critic-host:8000/v1#firm-gen: a critic served by vLLM or any OpenAI-compatible engine)
 
 The policy is trained without classifier-free guidance: sample the saved LoRA with guidance_scale=1.0 (the
 pipeline's default 7.0 is a different sampler from the one the critic rewarded). Rollouts use the checkpoint's
@@ -65,9 +65,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, image_grid, load_image, load_weights,
+from common import (DataError, MetricsLog, cleanup_dist, die, every, image_grid, load_image, load_weights,
                     plot_curves, print0, read_jsonl_resumable, read_manifest, recover_dir, replace_dir, run_stage,
-                    save_diffusers_model, save_lora_files, save_weights, setup_dist, tensor_to_pil, write_json, write_jsonl)
+                    save_diffusers_model, save_lora_files, save_weights, setup_dist, tensor_to_pil, write_json,
+                    write_jsonl)
 
 # -----------------------------------------------------------------------------
 # CLI: defaults are the paper's / release's settings; --preset mini swaps in the miniature world's
@@ -99,8 +100,8 @@ def get_args(argv=None):
     ap.add_argument("--reward", default="qma", choices=["qma", "instruction", "pixel", "pixel-sum"],
                     help="qma / instruction: critic fusion (reward.py); pixel: the miniature world's exact judge, "
                          "objects x background; pixel-sum: its 0.5 / 0.5 sum (an empty canvas scores 0.5)")
-    ap.add_argument("--reward-model", default=None, help="critic directory scored in process (e.g. FIRM-Gen-8B)")
-    ap.add_argument("--reward-url", default=None, help="reward server URL (reward.py serve); overrides --reward-model")
+    ap.add_argument("--reward-model", default=None, help="the critic: a model directory scored in process (e.g. "
+                    "FIRM-Gen-8B) or an OpenAI-compatible endpoint http://host:port/v1[#served name] (reward.open_critic)")
     ap.add_argument("--reward-image-size", type=int, default=0, help="resize images to this side (px) for the critic; 0 = as generated")
     ap.add_argument("--reward-batch", type=int, default=16, help="images per critic call")
     ap.add_argument("--reward-method", default="generate", choices=["generate", "expected"],
@@ -604,13 +605,11 @@ PIXEL_REWARDS = ("pixel", "pixel-sum")
 def make_scorer(args, device):
     if args.reward in PIXEL_REWARDS:
         return None
-    from reward import Critic, RewardClient
-    if args.reward_url:
-        return RewardClient(args.reward_url)
+    from reward import open_critic
     if not args.reward_model:
-        die("give --reward-model (a critic directory) or --reward-url, or use --reward pixel")
-    return Critic(check_model_dir(args.reward_model, "--reward-model"), device=device, batch_size=args.reward_batch,
-                  max_new_tokens=args.reward_max_new_tokens)
+        die("give --reward-model (a critic directory or endpoint URL), or use --reward pixel")
+    return open_critic(args.reward_model, device=device, batch_size=args.reward_batch,
+                       max_new_tokens=args.reward_max_new_tokens)
 
 
 def pixel_judge(img, rec, part="overall"):

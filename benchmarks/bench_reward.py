@@ -1,10 +1,12 @@
-"""Critic throughput, side by side: one-at-a-time generation (how the release's transformers server
-scores), batched generation, the digit-probability ("expected") mode, and the reward server under N
-concurrent clients; then the agreement (MAE) between the fast mode and the generated score.
+"""Critic throughput, side by side: one-at-a-time generation (how the release's transformers server scores),
+batched generation, the digit-probability ("expected") mode, and the same critic served by `transformers serve`
+(an OpenAI-compatible server, as vLLM is) with 1, 4 and 16 requests in flight; then the agreement (MAE) between
+the fast mode and the generated score.
 
     python benchmarks/bench_reward.py                                        # tiny critic base (throughput only)
     python benchmarks/bench_reward.py --model runs/mini/models/edit-critic    # + MAE on the bench split
-    python benchmarks/bench_reward.py --model /ckpt/FIRM-Edit-8B --data /data/firm-bench --n 64 --clients 8
+    python benchmarks/bench_reward.py --model /ckpt/FIRM-Edit-8B --data /data/firm-bench --n 64 \\
+        --served http://critic-host:8000/v1#firm-edit                        # a vLLM server instead of transformers serve
 
 The untrained critic base writes garbage until --max-new-tokens, so its generation figures are the
 cost of full-length answers; a trained critic stops at its end-of-turn token (the mean answer length
@@ -14,15 +16,16 @@ is printed). The MAE part needs answers that parse: it is skipped for a critic t
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from common import load_image, read_jsonl  # noqa: E402
-from reward import Critic, RewardClient, make_server  # noqa: E402
+from reward import Critic, open_critic  # noqa: E402
+from served import Served  # noqa: E402  (tests/served.py: `transformers serve` on 127.0.0.1)
 
 
 def get_args(argv=None):
@@ -34,10 +37,11 @@ def get_args(argv=None):
     ap.add_argument("--n", type=int, default=32, help="items per throughput measurement")
     ap.add_argument("--mae-n", type=int, default=0, help="bench items for the MAE part (0 = the whole split)")
     # settings
-    ap.add_argument("--batch-size", type=int, default=16, help="critic batch (and the server's max batch)")
+    ap.add_argument("--batch-size", type=int, default=16, help="in-process critic batch")
     ap.add_argument("--max-new-tokens", type=int, default=192, help="tokens per generated answer (the tiny edit critic writes up to ~140)")
-    ap.add_argument("--clients", type=int, default=4, help="concurrent clients of the server")
-    ap.add_argument("--client-batch", type=int, default=4, help="items per client request")
+    ap.add_argument("--in-flight", default="1,4,16", help="requests in flight to the served critic")
+    ap.add_argument("--served", default=None, help="a served critic URL#name to measure instead of starting "
+                    "`transformers serve` for --model on this machine")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     return ap.parse_args(argv)
 
@@ -56,32 +60,6 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def serve_and_score(critic, args, items):
-    """N client threads, each sending its share of the items in requests of --client-batch items."""
-    srv = make_server({args.mode: critic}, port=0, max_batch=args.batch_size, quiet=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
-    shares = [items[k::args.clients] for k in range(args.clients)]
-    out = [None] * args.clients
-
-    def client(k):
-        c, js = RewardClient(url, timeout=600, retries=0), []
-        for i in range(0, len(shares[k]), args.client_batch):
-            js += c.score(args.mode, shares[k][i:i + args.client_batch])
-        out[k] = js
-
-    def run():
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-
-    _, dt = timed(run)
-    health = RewardClient(url).health()
-    srv.shutdown()
-    srv.server_close()
-    return [j for js in out for j in js], dt, health["items"] / max(1, health["batches"])
 
 
 def main(args):
@@ -104,14 +82,23 @@ def main(args):
     gen_len = sum(len(tok.encode(j.text)) for j in js) / len(js)
     js, dt = timed(lambda: critic.score(args.mode, items, method="expected"))
     rows.append((f"batched ({args.batch_size}), expected", dt, js))
-    js, dt, mean_batch = serve_and_score(critic, args, items)
-    rows.append((f"server, {args.clients} clients x {args.client_batch}", dt, js))
+    server = None if args.served else Served(model, threads=args.threads)
+    try:
+        served = open_critic(args.served or server.spec, max_new_tokens=args.max_new_tokens)
+        served.score(args.mode, items[:2])  # warm-up
+        for k in map(int, args.in_flight.split(",")):
+            served.concurrency = k
+            js, dt = timed(lambda: served.score(args.mode, items))
+            rows.append((f"served, {k} in flight", dt, js))
+    finally:
+        if server is not None:
+            server.stop()
 
     base = len(items) / rows[0][1]
     print(f"\n{'scoring':<32} {'items/s':>9} {'x one-at-a-time':>16} {'parse failures':>15}")
     for name, dt, js in rows:
         print(f"{name:<32} {len(items) / dt:>9.2f} {len(items) / dt / base:>16.2f} {sum(not j.ok for j in js):>15}")
-    print(f"mean generated answer: {gen_len:.1f} tokens; mean server batch: {mean_batch:.1f} items")
+    print(f"mean generated answer: {gen_len:.1f} tokens; served by {args.served or 'transformers serve on this machine'}")
 
     # agreement of the fast mode with the generated score, on the bench split
     rows_, items = bench_items(args, args.mae_n)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_rl_gen.py                      # tiny SD3 of the miniature world, pixel reward, CPU
     python benchmarks/bench_rl_gen.py --ranks 1 8 -- --model /ckpt/stable-diffusion-3.5-medium \\
-        --prompts prompts.jsonl --reward-url http://host:8765 --prompts-per-step 48 --group-size 16
+        --prompts prompts.jsonl --reward-model http://critic-host:8000/v1#firm-gen --prompts-per-step 48 --group-size 16
 
 Each setting runs rl_gen.py for --steps steps (the first is warm-up and is not averaged) in a fresh output
 dir, with the same global batch: more ranks = fewer samples per rank. Memory is the peak per rank (CUDA:

@@ -30,7 +30,7 @@ from common import read_jsonl
 # base, X: a model path that does not exist in place of the stage's model).
 STAGES = {
     "curate": dict(manifest="bench/edit_execution.jsonl", image="edited", text="instruction", score=None,
-                   argv=lambda M, D, C, X: ["--judge", "transformers", "--judge-model", X or C, "--edit-candidates", M,
+                   argv=lambda M, D, C, X: ["--judge", X or C, "--edit-candidates", M,
                                             "--out", f"{D}/out"]),
     # train_reward checks that every image is there up front, and decodes each when it trains on it (decoding the
     # release's ~740K SFT images first would take an hour): one step over all three records meets the corrupt one

@@ -143,11 +143,11 @@ def write_candidates(tmp_path, n=2):
     return tmp_path / "cands.jsonl"
 
 
-def test_transformers_judge_garbage_is_counted_as_unparseable(tmp_path, critic_base, capsys):
+def test_a_model_judge_s_garbage_is_counted_as_unparseable(tmp_path, critic_base, capsys):
     """The untrained tiny critic answers garbage: every item is counted and logged, none is scored."""
     cands = write_candidates(tmp_path)
     out = tmp_path / "out"
-    curate.main(curate.get_args(["--judge", "transformers", "--judge-model", str(critic_base), "--edit-candidates",
+    curate.main(curate.get_args(["--judge", str(critic_base), "--edit-candidates",
                                  str(cands), "--max-new-tokens", "6", "--balance-share", "0", "--ablation-direct", "0",
                                  "--out", str(out)]))
     assert "judged 2 items, 2 unparseable" in capsys.readouterr().out
@@ -160,7 +160,7 @@ def test_a_missing_candidate_image_stops_with_the_file_name(tmp_path, critic_bas
     cands = write_candidates(tmp_path, n=1)
     (tmp_path / "0_out.png").unlink()
     with pytest.raises(DataError, match=r"cands.jsonl:1: field 'edited': image .*0_out.png not found"):
-        curate.main(curate.get_args(["--judge", "transformers", "--judge-model", str(critic_base), "--edit-candidates",
+        curate.main(curate.get_args(["--judge", str(critic_base), "--edit-candidates",
                                      str(cands), "--max-new-tokens", "4", "--balance-share", "0", "--out", str(tmp_path / "o")]))
 
 
@@ -210,37 +210,30 @@ def test_real_data_path_writes_sft_files_relative_to_their_directory(tmp_path, m
     assert any("Difference report:\nthe circle is now blue" in c for c in judge.calls)
 
 
-def test_a_model_judge_gets_the_images_where_the_scoring_prompt_marks_them(monkeypatch):
+def test_a_model_judge_gets_the_images_where_the_scoring_prompt_marks_them():
     from PIL import Image
+    import reward
     a, b = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
     turn = curate.build_prompt("execution", "Make it blue.")
-    parts = curate.chat_content([a, b], turn)
+    parts = reward.content_parts(reward.mark_images(turn, 2))
     kinds = [p["type"] for p in parts]
     assert kinds.index("image") > 0 and "Make it blue." in parts[0]["text"] and kinds.count("image") == 2
-    assert [p["type"] for p in curate.chat_content([a], "Describe.")] == ["image", "text"]  # unmarked: images first
+    assert [p["type"] for p in reward.content_parts(reward.mark_images("Describe.", 1))] == ["image", "text"]  # images first
     with pytest.raises(ValueError, match="2 image"):
-        curate.chat_content([a, b], "one <image> only")
-    sent = {}
+        reward.mark_images("one <image> only", 2)
+    sent = reward.api_content(parts, [a, b])  # what a served judge gets: the source first, as data URLs
+    assert [p["type"] for p in sent] == ["text", "image_url", "image_url", "text"]
+    assert sent[1]["image_url"]["url"].startswith("data:image/png;base64,") and sent[1] != sent[2]
 
-    class Reply:
-        def __enter__(self):
-            return self
+    class Judge:  # the backend asks its judge: the difference report first, then each score
+        asked = []
 
-        def __exit__(self, *exc):
-            return False
-
-        def read(self):
-            return json.dumps({"choices": [{"message": {"content": '{"score": [5]}'}}]}).encode()
-
-    def urlopen(req, timeout):
-        sent["body"] = json.loads(req.data)
-        return Reply()
-
-    monkeypatch.setattr(curate.urllib.request, "urlopen", urlopen)
-    assert curate.OpenAIBackend("http://judge/v1", "m", 16).chat([a, b], turn) == '{"score": [5]}'
-    content = sent["body"]["messages"][0]["content"]
-    assert [p["type"] for p in content] == ["text", "image_url", "image_url", "text"]
-    assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+        def chat(self, images, text, max_new_tokens):
+            self.asked.append((len(images), text))
+            return '{"score": [4]}'
+    report, answers = curate.ChatBackend(Judge(), 16).edit({"_source": a, "_edited": b, "instruction": "Make it blue."})
+    assert [n for n, _ in Judge.asked] == [2, 2, 2, 2] and Judge.asked[0][1] == curate.DIFF_PROMPTS[0]
+    assert set(answers) == {"execution", "consistency"} and "Difference report" in Judge.asked[2][1]
 
 
 def test_world_images_are_the_same_in_every_process(tmp_path):

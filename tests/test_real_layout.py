@@ -386,7 +386,7 @@ def test_bench_policy_edit_compares_the_qwen_image_edit_layout_with_its_rl_edit_
 def test_curate_with_the_qwen3_vl_layout_as_a_transformers_judge(qwen3vl, data, tmp_path):
     import curate
     out = tmp_path / "curated"
-    curate.main(curate.get_args(["--judge", "transformers", "--judge-model", str(qwen3vl), "--edit-candidates",
+    curate.main(curate.get_args(["--judge", str(qwen3vl), "--edit-candidates",
                                  str(data["edit_cands"]), "--gen-candidates", str(data["gen_cands"]), "--out", str(out),
                                  "--max-new-tokens", "8", "--ablation-direct", "0"]))
     for kind, n in (("edit", 2), ("gen", 2)):  # a random judge: every candidate judged, kept or logged with its answers

@@ -1,13 +1,7 @@
-"""reward.py: fusions, the score parser, critic inference (generate / expected / ensemble), the server + client."""
+"""reward.py: fusions, the score parser, critic inference in process (generate / expected / ensemble), the CLI."""
 
 import json
 import math
-import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,8 +10,7 @@ from PIL import Image
 from transformers import AutoProcessor, GenerationConfig
 
 import reward
-from reward import (Critic, Judgement, RewardClient, cme, digit_expectation, edit_rewards, fuse, gen_rewards,
-                    make_server, parse_score, qma, weighted_sum)
+from reward import Critic, Judgement, cme, digit_expectation, edit_rewards, fuse, gen_rewards, parse_score, qma, weighted_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -381,136 +374,6 @@ def test_gen_rewards_qma_and_instruction_only():
 
 
 # -----------------------------------------------------------------------------
-# the server and client
-
-
-class FakeCritic:
-    """Deterministic per item (score from the prompt), slow enough that concurrent requests queue up."""
-
-    def __init__(self):
-        self.batches = []
-
-    def score(self, mode, items, method="generate", samples=1):
-        self.batches.append(len(items))
-        time.sleep(0.05)
-        out = []
-        for it in items:
-            text = it.get("instruction") or it.get("prompt")
-            if text == "boom":
-                raise RuntimeError("CUDA out of memory (pretend)")
-            s = len(text) % 5 + 1
-            out.append(Judgement([s] * reward.N_SCORES[mode], f"echo {text}", True, "", "json") if "bad" not in text
-                       else Judgement(None, f"echo {text}", False, "no score found", "failed"))
-        return out
-
-
-@pytest.fixture()
-def server():
-    fake = FakeCritic()
-    srv = make_server({m: fake for m in reward.N_SCORES}, port=0, token="s3cret", max_bytes=200_000, max_items=50,
-                      max_batch=16, quiet=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", fake
-    srv.shutdown()
-    srv.server_close()
-
-
-def post(url, data, token="s3cret", headers=None):
-    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=h), timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_server_answers_concurrent_clients_with_their_own_scores(server):
-    url, fake = server
-    client = RewardClient(url, token="s3cret", timeout=10, retries=0)
-    results, start = {}, threading.Barrier(8)
-
-    def work(k):
-        items = edit_items(3, tag="x" * k)
-        start.wait()  # all clients at once
-        results[k] = ([len(it["instruction"]) % 5 + 1 for it in items], client.score("execution", items))
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    for want, got in results.values():
-        assert [j.scores[0] for j in got] == want and all(j.ok for j in got)
-    assert max(fake.batches) > 3  # requests of different clients were batched together
-    health = client.health()
-    assert health["status"] == "ok" and health["items"] == 24 and health["batches"] < 8
-
-
-def test_reward_endpoint_returns_fused_rewards_and_parse_status(server):
-    url, _ = server
-    items = edit_items(2)
-    items[1]["instruction"] = "bad answer"
-    status, out = post(url + "/reward/edit", json.dumps(reward.items_to_request("execution", items)).encode())
-    assert status == 200
-    s = out["scores"]["execution"][0]
-    assert out["rewards"]["cme"][0] == pytest.approx(cme(s, s)) and out["rewards"]["cme"][1] is None
-    assert out["ok"]["consistency"] == [True, False] and out["parse_failures"] == {"execution": 1, "consistency": 1}
-    assert out["reasonings"]["execution"][1] == "echo bad answer"
-
-
-def test_server_rejects_bad_requests_with_clear_errors_and_keeps_serving(server):
-    url, _ = server
-    good = reward.items_to_request("execution", edit_items(2))
-    bad_cases = [  # (path, body, token, status, words in the error)
-        ("/score/execution", b"{not json", "s3cret", 400, "not valid JSON"),
-        ("/score/execution", b"[1, 2]", "s3cret", 400, "JSON object"),
-        ("/score/execution", {**good, "images": []}, "s3cret", 400, "'images'"),
-        ("/score/execution", {**good, "prompts": good["prompts"][:1]}, "s3cret", 400, "'prompts'"),
-        ("/score/execution", {k: v for k, v in good.items() if k != "ref_images"}, "s3cret", 400, "'ref_images'"),
-        ("/score/execution", {**good, "images": ["%%%", good["images"][1]]}, "s3cret", 400, "'images'[0]"),
-        ("/score/execution", {**good, "images": [good["images"][0], "aGVsbG8="]}, "s3cret", 400, "'images'[1]"),
-        ("/score/execution", {**good, "method": "vibes"}, "s3cret", 400, "'method'"),
-        ("/score/execution", {**good, "samples": 0}, "s3cret", 400, "'samples'"),
-        ("/score/execution", {**good, "metadatas": [{"requirement": 3}, {}]}, "s3cret", 400, "'metadatas'[0]"),
-        ("/score/execution", {**good, "junk": "x" * 300_000}, "s3cret", 413, "bytes > the limit"),
-        ("/score/execution", {**good, "images": good["images"] * 30, "ref_images": good["ref_images"] * 30,
-                              "prompts": good["prompts"] * 30, "metadatas": None}, "s3cret", 413, "limit of 50"),
-        ("/score/execution", good, None, 401, "bearer token"),
-        ("/score/execution", good, "wrong", 401, "bearer token"),
-        ("/score/beauty", good, "s3cret", 404, "no such endpoint"),
-        ("/score/execution", {**good, "prompts": ["boom", "boom"]}, "s3cret", 500, "out of memory"),
-    ]
-    for path, body, token, status, words in bad_cases:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        code, out = post(url + path, data, token)
-        assert (code, words in out.get("error", "")) == (status, True), (path, words, code, out)
-    code, out = post(url + "/mode/score_execution", json.dumps(good).encode())  # the release's path still works
-    assert code == 200 and len(out["scores"]) == 2 and out["parse_failures"] == 0
-    with pytest.raises(ValueError, match="401"):
-        RewardClient(url, token=None, retries=0).score("execution", edit_items(1))
-
-
-def test_client_gives_up_after_its_retries_with_a_clear_error():
-    t0 = time.time()
-    with pytest.raises(ConnectionError, match="failed 2 times"):
-        RewardClient("http://127.0.0.1:9", timeout=1, retries=1).score("execution", edit_items(1))
-    assert time.time() - t0 < 10
-
-
-def test_server_scores_equal_in_process_scores(critic_base):
-    critic = Critic(critic_base, max_new_tokens=5, batch_size=4)
-    srv = make_server({m: critic for m in reward.N_SCORES}, port=0, quiet=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        client = RewardClient(f"http://127.0.0.1:{srv.server_address[1]}", timeout=30, retries=0)
-        items = [{"image": img((30 * i, 100, 200)), "prompt": f"a blue square {i}"} for i in range(3)]
-        for method in ("generate", "expected"):
-            a, b = critic.score("instruction", items, method=method), client.score("instruction", items, method=method)
-            assert [(j.text, j.ok, j.error) for j in a] == [(j.text, j.ok, j.error) for j in b]
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -524,21 +387,3 @@ def test_cli_score_writes_judgements_counts_failures_and_resumes(mini_data, crit
     assert "parse failures 30" in capsys.readouterr().out
     reward.main(argv)  # resume: nothing left to do
     assert len(out.read_text().splitlines()) == 30 and "execution: " not in capsys.readouterr().out
-
-
-def test_cli_serve_answers_the_client_and_the_score_command(mini_data, critic_base, tmp_path):
-    (tmp_path / "token").write_text("t0k\n")  # a token never goes on the command line
-    cmd = [sys.executable, str(ROOT / "reward.py"), "serve", "--model", str(critic_base), "--port", "0",
-           "--token-file", str(tmp_path / "token"), "--max-new-tokens", "3", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-    try:
-        line = proc.stdout.readline()  # "serving [...] on http://127.0.0.1:PORT (...)"
-        url = line.split(" on ")[1].split()[0]
-        client = RewardClient(url, token="t0k", timeout=30, retries=0)
-        assert client.health()["modes"] == sorted(reward.N_SCORES)
-        out = tmp_path / "gen.jsonl"
-        reward.main(["score", "--url", url, "--token-file", str(tmp_path / "token"), "--input", str(mini_data / "bench" / "gen.jsonl"), "--out", str(out)])
-        assert len(out.read_text().splitlines()) == 24
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -268,37 +268,6 @@ def test_critic_parse_failures_are_counted_and_dropped_not_fatal(editor_dir, min
     assert rows[1]["parse_failures"] == 4 and rows[1]["reward"] is None and rows[0]["eval_parse_failures"] == 2
 
 
-def test_the_reward_token_reaches_no_output_file_and_no_log(editor_dir, mini_data, tmp_path, monkeypatch, capfd):
-    """The token of a reward server comes from the environment (or a file named by --reward-token-file) and is
-    written nowhere: not into rl_edit_args.json, rl_edit.json, the LoRA's sidecar, the metrics, nor the log."""
-    import threading
-    import reward
-
-    class Steady:  # a critic that answers at once: execution 4, consistency 5
-        def score(self, mode, items, method="generate", samples=1):
-            return [reward.Judgement([4 if mode == "execution" else 5], "{}", True, "", "json") for _ in items]
-
-    secret = "tok-3f9c1d-never-written"
-    srv = reward.make_server({m: Steady() for m in reward.N_SCORES}, port=0, token=secret, quiet=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    monkeypatch.setenv("FIRM_REWARD_TOKEN", secret)
-    try:
-        out = tmp_path / "run"
-        rl_edit.main(rl_args(editor_dir, mini_data, out, "--steps", "1", "--reward", "cme", "--group-size", "2",
-                             "--reward-url", f"http://127.0.0.1:{srv.server_address[1]}"))
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[1])["reward"] == pytest.approx(0.75)  # the server scored
-    files = [f for f in out.rglob("*") if f.is_file()]
-    assert {"rl_edit_args.json", "rl_edit.json", "pytorch_lora_weights.json"} <= {f.name for f in files}
-    assert not [f for f in files if secret.encode() in f.read_bytes()]
-    logged = capfd.readouterr()
-    assert secret not in logged.out + logged.err
-    with pytest.raises(SystemExit):  # and there is no flag that would put it on the command line
-        rl_edit.get_args(["--model", "m", "--prompts", "p", "--reward-token", secret])
-
-
 def test_torchrun_with_2_processes_gives_the_single_process_result(editor_dir, mini_data, tmp_path):
     # 1 prompt x 5 edits over 2 ranks, micro-batch 2: rank 0 runs 2 batches, rank 1 one real and one dummy batch
     flags = ["--prompts-per-step", "1", "--group-size", "5", "--micro-batch", "2", "--eval-prompts", "3", "--steps", "1"]
