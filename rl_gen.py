@@ -57,7 +57,6 @@ import random
 import resource
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -70,7 +69,6 @@ from common import (DataError, MetricsLog, cleanup_dist, die, every, image_grid,
                     plot_curves, print0, read_jsonl_resumable, read_manifest, recover_dir, replace_dir, run_stage,
                     save_diffusers_model, save_lora_files, save_weights, setup_dist, tensor_to_pil, write_json,
                     write_jsonl)
-from reward import ServedCritic
 
 # -----------------------------------------------------------------------------
 # CLI: defaults are the paper's / release's settings; --preset mini swaps in the miniature world's
@@ -104,8 +102,6 @@ def get_args(argv=None):
                          "objects x background; pixel-sum: its 0.5 / 0.5 sum (an empty canvas scores 0.5)")
     ap.add_argument("--reward-model", default=None, help="the critic: a model directory scored in process (e.g. "
                     "FIRM-Gen-8B) or an OpenAI-compatible endpoint http://host:port/v1[#served name] (reward.open_critic)")
-    ap.add_argument("--reward-overlap", action=argparse.BooleanOptionalAction, default=True,
-                    help="score each rollout batch while the next one samples (a served critic only)")
     ap.add_argument("--reward-image-size", type=int, default=0, help="resize images to this side (px) for the critic; 0 = as generated")
     ap.add_argument("--reward-batch", type=int, default=16, help="images per critic call")
     ap.add_argument("--reward-method", default="generate", choices=["generate", "expected"],
@@ -390,17 +386,14 @@ def noise_like(shape, seeds, device):
 
 
 @torch.no_grad()
-def sample_latents(gen, transformer, emb, pooled, seeds, timesteps, shape, batch_size, on_batch=None):
-    """Deterministic ODE sampling (ode_sample) of len(seeds) latents, batch_size at a time. Returns (B, C, h, w).
-    on_batch(first index, latents) is called as each batch is done (to score it while the next one samples)."""
+def sample_latents(gen, transformer, emb, pooled, seeds, timesteps, shape, batch_size):
+    """Deterministic ODE sampling (ode_sample) of len(seeds) latents, batch_size at a time. Returns (B, C, h, w)."""
     out = []
     for i in range(0, len(seeds), batch_size):
         e, p = emb[i:i + batch_size], pooled[i:i + batch_size]
         x_T = noise_like(shape, seeds[i:i + batch_size], gen.device)
         x0, _ = ode_sample(lambda x, t: velocity(transformer, x, t, e, p), x_T, timesteps)
         out.append(x0)
-        if on_batch is not None:
-            on_batch(i, x0)
     return torch.cat(out) if out else torch.zeros(0, *shape, device=gen.device)
 
 
@@ -805,33 +798,22 @@ def main(args):
            f"{args.sample_steps} sampler steps, {T} training timesteps per sample | reward {args.reward} | "
            f"nft_beta {args.nft_beta:g}, kl_weight {args.kl_weight:g}")
     log, elog = MetricsLog(out / "metrics.jsonl", rank == 0), MetricsLog(out / "eval.jsonl", rank == 0)
-    # only a critic served elsewhere is scored beside the rollout: one in this process would take the policy's device
-    overlap = args.reward_overlap and isinstance(scorer, ServedCritic)
-    background = ThreadPoolExecutor(1)
     if start == 0 and args.eval_every and test:
         elog.log(0, **evaluate(args, gen, model, params, ema, test, scorer, 0, rank, world))
 
     for step in range(start, args.steps):
-        # 1. rollouts with the old policy (no grad, deterministic ODE, no CFG). A critic served elsewhere scores each
-        #    rollout batch while the next one samples (the release scores in a thread pool beside the rollout)
+        # 1. rollouts with the old policy (no grad, deterministic ODE, no CFG)
         t0 = time.time()
         prompt_idx = step_prompts(len(train), P, step, args.seed)
         recs = [train[prompt_idx[j // K]] for j in idx_local]
         emb, pooled = encode_prompts(gen, [r["prompt"] for r in recs])
-        scored = []  # (future of (rewards, judge)) per rollout batch, in order
-
-        def score(lo, x0):  # padding duplicates (index >= n_real) are not scored
-            images = [tensor_to_pil(x) for x in decode(gen, x0[:max(0, n_real - lo)])]
-            scored.append(background.submit(compute_rewards, args, scorer, images, recs[lo:lo + len(images)]))
         with use_weights(model, params, old):
             x0 = sample_latents(gen, model, emb, pooled, [sample_seed(args.seed, step, j) for j in idx_local],
-                                timesteps, shape, args.rollout_batch, on_batch=score if overlap else None)
+                                timesteps, shape, args.rollout_batch)
+        images = [tensor_to_pil(x) for x in decode(gen, x0[:n_real])]
         # 2. rewards of this rank's samples, gathered with their global ids
         t1 = time.time()
-        if not overlap:
-            score(0, x0)
-        results = [f.result() for f in scored]
-        rew_local, judge_local = [r for rs, _ in results for r in rs], [j for _, js in results for j in js]
+        rew_local, judge_local = compute_rewards(args, scorer, images, recs[:n_real])
         lo = rank_slice(N, rank, world)[0]
         rewards, judge = all_gather_values(rew_local, lo, N, device), all_gather_values(judge_local, lo, N, device)
         # 3. advantages (group mean, global std) -> optimality probability r; failed rewards get weight 0
@@ -894,7 +876,6 @@ def main(args):
                    f"{b['eval_objects']:.3f}, background {a['eval_background']:.3f} -> {b['eval_background']:.3f})")
         print0(f"wrote {out}/{'transformer' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, metrics.jsonl, "
                f"reward_curve.png, samples_grid.png")
-    background.shutdown()
     cleanup_dist()
 
 
