@@ -308,12 +308,17 @@ FUSIONS = {
 REWARDS = {"edit": (EDIT_MODES, ("cme", "sum55", "sum64")), "gen": (GEN_MODES, ("qma", "instruction"))}
 
 
+FUSION_MODES = {"cme": EDIT_MODES, "sum55": EDIT_MODES, "sum64": EDIT_MODES, "qma": GEN_MODES, "instruction": ("instruction",)}
+
+
 def fuse(name, scores):
-    """Fused reward from a dict of per-mode scores, or None when a needed score failed to parse."""
-    try:
-        return FUSIONS[name](scores)
-    except (KeyError, TypeError):
+    """Fused reward from a dict of per-mode scores, or None when a score it needs is absent (failed to parse).
+    Anything else wrong (an unknown fusion, a score of the wrong type) is a bug and raises."""
+    if name not in FUSIONS:
+        raise ValueError(f"unknown fusion {name!r}; expected one of {list(FUSIONS)}")
+    if any(scores.get(m) is None for m in FUSION_MODES[name]):
         return None
+    return FUSIONS[name](scores)
 
 
 # -----------------------------------------------------------------------------
@@ -552,10 +557,21 @@ def fuse_judgements(per_mode, fusion, on_failure="drop"):
     good = {m: [j.scores for j in js if j.ok] for m, js in per_mode.items()}
     stats = {"n": n, "parse_failures": {m: n - len(g) for m, g in good.items()},
              "cut": {m: sum(j.how == "cut" for j in js) for m, js in per_mode.items()},  # of the failures: hit the limit
+             "unanswered": {m: sum(j.how == "unanswered" for j in js) for m, js in per_mode.items()},  # server gone
              "failed": sum(not all(js[i].ok for js in per_mode.values()) for i in range(n)),
              "mean_score": {m: sum(map(min, g)) / len(g) if g else None for m, g in good.items()},  # quality: the min
              "errors": [j.error for js in per_mode.values() for j in js if not j.ok][:5]}
     return rewards, stats
+
+
+def failure_note(stats):
+    """One line on a batch's failed rewards (None when there are none): how many, of which kind, the first error."""
+    if not stats["failed"]:
+        return None
+    cut, unanswered = sum(stats["cut"].values()), sum(stats["unanswered"].values())
+    kinds = [f"{cut} answer(s) cut by the length limit"] * bool(cut) + [f"{unanswered} not answered by the server"] * bool(unanswered)
+    return (f"{stats['failed']} of {stats['n']} rewards failed{' (' + ', '.join(kinds) + ')' if kinds else ''}: "
+            f"{stats['errors'][0][:200]}")
 
 
 # -----------------------------------------------------------------------------

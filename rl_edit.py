@@ -410,10 +410,12 @@ class Rewarder:
                 return [j["overall"] for j in js], 0
             # fractions in [0, 1] as the 1-5 scores that normalise to them
             return [fuse(self.fusion[6:], {"execution": 1 + 4 * j["edited"], "consistency": 1 + 4 * j["kept"]}) for j in js], 0
-        from reward import edit_rewards
+        from reward import edit_rewards, failure_note
         items = [{"source": s, "edited": e, "instruction": r["prompt"], "requirement": r.get("requirement")}
                  for r, s, e in zip(records, sources, edited)]
         rewards, stats = edit_rewards(self.scorer, items, fusion=self.fusion, on_failure="drop", method=self.method)
+        if failure_note(stats):  # a dead critic server, answers cut by the limit, or answers with no score
+            print0(f"rank 0: {failure_note(stats)}")
         return rewards, stats["failed"]
 
 

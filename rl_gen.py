@@ -628,12 +628,14 @@ def compute_rewards(args, scorer, images, recs):
         return judge, judge
     if args.reward == "pixel-sum":  # the hackable 0.5 / 0.5 sum, kept to show the hack
         return [0.5 * pixel_judge(im, r, "objects") + 0.5 * pixel_judge(im, r, "background") for im, r in zip(images, recs)], judge
-    from reward import gen_rewards
+    from reward import failure_note, gen_rewards
     from PIL import Image
     size = args.reward_image_size
     items = [{"image": im.resize((size, size), Image.BICUBIC) if size else im, "prompt": r["prompt"],
               "requirement": r.get("requirement")} for im, r in zip(images, recs)]
-    rewards, _ = gen_rewards(scorer, items, fusion=args.reward, on_failure="drop", method=args.reward_method)
+    rewards, stats = gen_rewards(scorer, items, fusion=args.reward, on_failure="drop", method=args.reward_method)
+    if failure_note(stats):  # a dead critic server, answers cut by the limit, or answers with no score
+        print0(f"rank 0: {failure_note(stats)}")
     return list(rewards), judge
 
 

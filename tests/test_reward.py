@@ -61,10 +61,14 @@ def test_weighted_sums_match_hand_computed_values():
     assert weighted_sum(3, 4, 0.6) == pytest.approx(0.6 * 0.5 + 0.4 * 0.75)
 
 
-def test_fuse_is_none_when_a_needed_score_is_missing():
+def test_fuse_is_none_when_a_needed_score_is_missing_and_raises_on_anything_else():
     assert fuse("cme", {"execution": 5}) is None
     assert fuse("qma", {"instruction": 5}) is None
     assert fuse("instruction", {"instruction": 5, "quality": None}) == 1.0
+    with pytest.raises(TypeError):  # a bug (quality must be 3 scores), not a parse failure to be dropped silently
+        fuse("qma", {"instruction": 4, "quality": 3})
+    with pytest.raises(ValueError, match="unknown fusion 'cmee'"):
+        fuse("cmee", {"execution": 5, "consistency": 5})
 
 
 # -----------------------------------------------------------------------------

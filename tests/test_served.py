@@ -148,7 +148,7 @@ def test_rl_gen_runs_steps_against_the_served_critic(server, tiny_gen, mini_data
 
 
 def test_a_critic_server_that_dies_mid_run_skips_steps_and_the_run_goes_on(critic_base, tiny_gen, mini_data, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     srv, opened = Served(critic_base), reward.ServedCritic.__init__
 
     def open_then_kill(self, *args, **kwargs):  # the run starts against a live server, which then dies
@@ -160,6 +160,7 @@ def test_a_critic_server_that_dies_mid_run_skips_steps_and_the_run_goes_on(criti
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(r["parse_fail"] == 4 and math.isnan(r["reward"]) for r in rows)
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()  # the run finished and saved
+    assert "4 of 4 rewards failed (8 not answered by the server): " in capsys.readouterr().out  # and said why
 
 
 def test_rl_edit_scores_through_the_served_critic_and_its_key_reaches_no_file_and_no_log(server, mini_data, tmp_path,
