@@ -120,6 +120,147 @@ def fill_from_rank0(model, full_state, device):
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
+# -----------------------------------------------------------------------------
+# FSDP2: the shard recipe, parameter-value sets swapped in and out (old policy, EMA, frozen base), RL checkpoints
+# with one optimizer-state format
+
+
+def mixed_precision(device):
+    """bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; plain fp32 on CPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def fsdp_shard(root, blocks, device, mesh=None, mp=True):
+    """FSDP2 as the PyTorch examples do it: fully_shard each block (its parameters are gathered only while it runs),
+    then the root (what is left: embeddings, heads). mp=False for frozen modules that already hold their dtype."""
+    from torch.distributed.fsdp import fully_shard
+    kw = {"mesh": mesh} | ({"mp_policy": mixed_precision(device)} if mp else {})
+    for block in blocks:
+        fully_shard(block, **kw)
+    fully_shard(root, **kw)
+    return root
+
+
+def clone_weights(params):
+    return [p.detach().clone() for p in params]
+
+
+def reshard(model):
+    """Drop every gathered (unsharded) copy so the next forward gathers the sharded values just written."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+@contextlib.contextmanager
+def use_weights(model, params, values):
+    """Temporarily load another weight set (old policy, EMA, base) into the trainable parameters."""
+    if values is None:
+        yield
+        return
+    saved = clone_weights(params)
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+    reshard(model)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+        reshard(model)
+
+
+def _state_dict_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_weights(model, params, values=None):
+    """The unsharded trainable weights {name: cpu tensor} on rank 0 ({} elsewhere); collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    names = {n for n, p in model.named_parameters() if p.requires_grad}  # not the (large, fixed) buffers
+    options = _state_dict_options(cpu_offload=True, ignore_frozen_params=True)
+    with use_weights(model, params, values):  # clone: on one CPU process the gathered tensors alias the params
+        return {k: v.clone() for k, v in get_model_state_dict(model, options=options).items() if k in names}
+
+
+def load_full_weights(model, params, state):
+    """Write a full {name: tensor} into the sharded trainable params; returns a copy of the result."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    set_model_state_dict(model, state, options=_state_dict_options(strict=False))
+    reshard(model)
+    return clone_weights(params)
+
+
+def optimizer_state(model, opt):
+    """The full optimizer state, flat for safetensors ({"<param fqn>::<key>": cpu tensor}), and its param groups, on
+    rank 0 (({}, []) elsewhere: cpu_offload gathers to rank 0 only). Collective. The one format of every checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    osd = get_optimizer_state_dict(model, opt, options=_state_dict_options(cpu_offload=True))
+    flat = {f"{fqn}::{k}": v.detach().cpu().contiguous() for fqn, st in osd.get("state", {}).items() for k, v in st.items()}
+    return flat, osd.get("param_groups", [])
+
+
+def set_optimizer_state(model, opt, flat, param_groups, strict=True):
+    """The inverse of optimizer_state: every rank keeps its shard. strict=False lets parameters that never got a
+    gradient (so have no AdamW state) through."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    nested = {}
+    for key, v in flat.items():
+        fqn, k = key.rsplit("::", 1)
+        nested.setdefault(fqn, {})[k] = v
+    set_optimizer_state_dict(model, opt, {"state": nested, "param_groups": param_groups},
+                             options=_state_dict_options(strict=strict))
+
+
+def save_checkpoint(out, model, params, opt, old, ema, step, rank):
+    """RL: out/checkpoint/{policy,old,ema,optimizer}.safetensors + state.json, written under checkpoint.tmp and
+    swapped in (replace_dir). Collective."""
+    sets = {"policy": full_weights(model, params), "old": full_weights(model, params, old),
+            "ema": full_weights(model, params, ema)}
+    flat, groups = optimizer_state(model, opt)
+    if rank == 0:
+        tmp, final = Path(out) / "checkpoint.tmp", Path(out) / "checkpoint"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, sd in sets.items():
+            save_weights(tmp / f"{name}.safetensors", sd)
+        save_weights(tmp / "optimizer.safetensors", flat)
+        write_json(tmp / "state.json", {"step": step, "param_groups": groups})  # written last: marks it complete
+        replace_dir(tmp, final)
+    dist.barrier()  # no rank runs on (and may save again) before the checkpoint is in place
+
+
+def find_checkpoint(out, rank):
+    """out/checkpoint when a complete one exists; after a kill in the middle of a save, rank 0 first puts the newest
+    complete copy back in its place (recover_dir). Collective."""
+    if rank == 0:
+        recover_dir(Path(out) / "checkpoint", "state.json")
+    dist.barrier()  # the other ranks look only after rank 0 has put it back
+    ckpt = Path(out) / "checkpoint"
+    return ckpt if (ckpt / "state.json").is_file() else None
+
+
+def load_checkpoint(ckpt, model, params, opt, strict=True):
+    """Every rank reads the full checkpoint and keeps its shard. Returns (step, old, ema)."""
+    state = json.loads((ckpt / "state.json").read_text())
+    old = load_full_weights(model, params, load_weights(ckpt / "old.safetensors"))
+    ema = load_full_weights(model, params, load_weights(ckpt / "ema.safetensors"))
+    load_full_weights(model, params, load_weights(ckpt / "policy.safetensors"))  # last: the model holds the policy
+    set_optimizer_state(model, opt, load_weights(ckpt / "optimizer.safetensors"), state["param_groups"], strict)
+    return state["step"], old, ema
+
+
+def keep_rows_through(path, step):
+    """On resume: drop the rows a killed run logged after its checkpoint's step (the rerun logs them again)."""
+    write_jsonl(path, [r for r in read_jsonl_resumable(path) if r["step"] <= step])
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -72,12 +72,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (DataError, MetricsLog, cleanup_dist, every, fill_from_rank0, full_state_of, image_grid,
-                    load_image, load_on_rank0, pil_to_tensor, plot_curves, print0, read_jsonl_resumable,
-                    read_manifest, run_stage, save_diffusers_model, save_lora_files, seed_everything, setup_dist,
-                    tensor_to_pil, write_json, write_jsonl)
-from rl_gen import (clone_weights, find_checkpoint, full_weights, group_advantages, load_checkpoint, nft_step, noise_levels,
-                    ode_sample, optimality_probability, rectified_flow_interp, save_checkpoint, use_weights)
+from common import (DataError, MetricsLog, cleanup_dist, clone_weights, every, fill_from_rank0, find_checkpoint,
+                    fsdp_shard, full_state_of, full_weights, image_grid, keep_rows_through, load_checkpoint, load_image,
+                    load_on_rank0, pil_to_tensor, plot_curves, print0, read_manifest, run_stage, save_checkpoint,
+                    save_diffusers_model, save_lora_files, seed_everything, setup_dist, tensor_to_pil, use_weights,
+                    write_json)
+from rl_gen import group_advantages, nft_step, noise_levels, ode_sample, optimality_probability, rectified_flow_interp
 
 # -----------------------------------------------------------------------------
 # the editor: loading, latents, prompt encoding, velocity, sampling
@@ -420,8 +420,8 @@ class Rewarder:
 
 
 # -----------------------------------------------------------------------------
-# model: LoRA adapters, FSDP2 (the old policy / reference / EMA are parameter values that rl_gen.use_weights
-# swaps in; checkpoints are rl_gen.save_checkpoint / load_checkpoint: the plumbing lives once, there)
+# model: LoRA adapters, FSDP2 (the old policy / reference / EMA are parameter values that common.use_weights
+# swaps in; checkpoints are common.save_checkpoint / load_checkpoint: the plumbing lives once, there)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # attention
 
@@ -438,19 +438,12 @@ def shard(editor, world):
     the vision tower, the root), so a 7B encoder is split across ranks too. Then rank 0's weights (the only
     rank that read the checkpoint) are broadcast into every rank's shards."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     dev = editor.device
     full = [full_state_of(m, dist.get_rank()) for m in (editor.transformer, editor.text_encoder)]
     mesh = init_device_mesh(dev.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dev.type == "cuda" else MixedPrecisionPolicy()
-    for block in editor.transformer.transformer_blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(editor.transformer, mesh=mesh, mp_policy=mp)
-    te = editor.text_encoder
-    for layer in te.model.language_model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(te.model.visual, mesh=mesh)
-    fully_shard(te, mesh=mesh)
+    fsdp_shard(editor.transformer, editor.transformer.transformer_blocks, dev, mesh)
+    te = editor.text_encoder  # frozen, already in its dtype: no mixed precision
+    fsdp_shard(te, [*te.model.language_model.layers, te.model.visual], dev, mesh, mp=False)
     for m, sd in zip((editor.transformer, te), full):
         fill_from_rank0(m, sd, dev)
 
@@ -652,8 +645,8 @@ def main(args):
         # strict=False: adapters that never get a gradient (the last block's text-stream output is unused) have no AdamW state
         start, old, ema = load_checkpoint(ckpt, tr, params, opt, strict=False)
         print0(f"resumed from {ckpt} after step {start}")
-        if rank == 0 and (out / "metrics.jsonl").is_file():  # forget what the killed run logged after its checkpoint
-            write_jsonl(out / "metrics.jsonl", [r for r in read_jsonl_resumable(out / "metrics.jsonl") if r["step"] <= start])
+        if rank == 0:  # forget what the killed run logged after its checkpoint
+            keep_rows_through(out / "metrics.jsonl", start)
     P, K = args.prompts_per_step, args.group_size
     N, T = P * K, max(1, int(args.timestep_fraction * args.rollout_steps))
     n_train = sum(p.numel() for p in params)  # a sharded DTensor reports its full size

@@ -50,25 +50,21 @@ Deviations from the paper / release:
 """
 
 import argparse
-import contextlib
 import json
 import math
 import random
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from common import (DataError, MetricsLog, cleanup_dist, die, every, image_grid, load_image, load_weights,
-                    plot_curves, print0, read_jsonl_resumable, read_manifest, recover_dir, replace_dir, run_stage,
-                    save_diffusers_model, save_lora_files, save_weights, setup_dist, tensor_to_pil, write_json,
-                    write_jsonl)
+from common import (DataError, MetricsLog, cleanup_dist, clone_weights, die, every, find_checkpoint, fsdp_shard,
+                    full_weights, image_grid, keep_rows_through, load_checkpoint, load_image, plot_curves, print0,
+                    read_jsonl_resumable, read_manifest, run_stage, save_checkpoint, save_diffusers_model,
+                    save_lora_files, setup_dist, tensor_to_pil, use_weights, write_json)
 
 # -----------------------------------------------------------------------------
 # CLI: defaults are the paper's / release's settings; --preset mini swaps in the miniature world's
@@ -435,109 +431,16 @@ def make_policy(gen, args, device):
     if args.gradient_checkpointing:
         tr.enable_gradient_checkpointing()
     tr.train()
-    # bf16 compute with fp32 master weights and gradient reduction on GPU; plain fp32 on CPU
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    for block in tr.transformer_blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(tr, mp_policy=mp)
+    fsdp_shard(tr, tr.transformer_blocks, device)
     return [p for p in tr.parameters() if p.requires_grad]
-
-
-def clone_weights(params):
-    return [p.detach().clone() for p in params]
-
-
-def _reshard(model):
-    """Drop every gathered (unsharded) copy so the next forward gathers the sharded values we just wrote."""
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-@contextlib.contextmanager
-def use_weights(model, params, values):
-    """Temporarily load another weight set (old policy, EMA, base) into the trainable parameters."""
-    if values is None:
-        yield
-        return
-    saved = clone_weights(params)
-    with torch.no_grad():
-        for p, v in zip(params, values, strict=True):
-            p.copy_(v)
-    _reshard(model)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
-        _reshard(model)
-
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-
-
-def full_weights(model, params, values=None):
-    """The unsharded trainable weights {name: cpu tensor} on rank 0 ({} elsewhere); collective."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}  # not the (large, fixed) buffers
-    with use_weights(model, params, values):  # clone: on one CPU process the gathered tensors alias the params
-        return {k: v.clone() for k, v in get_model_state_dict(model, options=FULL).items() if k in names}
-
-
-def load_full_weights(model, params, state):
-    """Write a full {name: tensor} into the sharded trainable params; returns a copy of the result."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    _reshard(model)
-    return clone_weights(params)
-
-
-def save_checkpoint(out, model, params, opt, old, ema, step, rank):
-    """checkpoint/{policy,old,ema,optimizer}.safetensors + state.json, written to a temp dir then renamed."""
-    sets = {"policy": full_weights(model, params), "old": full_weights(model, params, old),
-            "ema": full_weights(model, params, ema)}
-    osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        tmp, final = Path(out) / "checkpoint.tmp", Path(out) / "checkpoint"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name, sd in sets.items():
-            save_weights(tmp / f"{name}.safetensors", sd)
-        save_weights(tmp / "optimizer.safetensors", {f"{fqn}::{k}": v for fqn, st in osd["state"].items() for k, v in st.items()})
-        write_json(tmp / "state.json", {"step": step, "param_groups": osd["param_groups"]})  # written last: marks it complete
-        replace_dir(tmp, final)
-    dist.barrier()
-
-
-def find_checkpoint(out, rank):
-    """out/checkpoint when a complete one exists; after a kill in the middle of a save, rank 0 first puts the newest
-    complete copy back in its place (common.recover_dir). Collective."""
-    if rank == 0:
-        recover_dir(Path(out) / "checkpoint", "state.json")
-    dist.barrier()
-    ckpt = Path(out) / "checkpoint"
-    return ckpt if (ckpt / "state.json").is_file() else None
-
-
-def load_checkpoint(ckpt, model, params, opt, strict=True):
-    """Every rank reads the full checkpoint and keeps its shard. Returns (step, old, ema). strict=False lets
-    parameters that never got a gradient (so have no AdamW state) through, as rl_edit.py's model has."""
-    state = json.loads((ckpt / "state.json").read_text())
-    old = load_full_weights(model, params, load_weights(ckpt / "old.safetensors"))
-    ema = load_full_weights(model, params, load_weights(ckpt / "ema.safetensors"))
-    load_full_weights(model, params, load_weights(ckpt / "policy.safetensors"))  # last: the model holds the policy
-    flat, nested = load_weights(ckpt / "optimizer.safetensors"), {}
-    for key, v in flat.items():
-        fqn, k = key.rsplit("::", 1)
-        nested.setdefault(fqn, {})[k] = v
-    set_optimizer_state_dict(model, opt, {"state": nested, "param_groups": state["param_groups"]},
-                             options=StateDictOptions(full_state_dict=True, strict=strict))
-    return state["step"], old, ema
 
 
 def save_policy(out, gen, model, params, ema, args, rank, sidecar):
     """The EMA weights, in the format diffusers loads: a LoRA file (load_lora_weights) or a transformer dir."""
     if args.full_finetune:  # the whole transformer (with its buffers), as a diffusers folder in the base's dtype
         with use_weights(model, params, ema):
-            sd = get_model_state_dict(model, options=FULL)  # collective
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            sd = get_model_state_dict(model, options=options)  # collective
     else:
         sd = full_weights(model, params, ema)
     if rank != 0:
@@ -780,8 +683,7 @@ def main(args):
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "eval.jsonl"):  # keep what the checkpoint covers, drop the rest
-            rows = [r for r in read_jsonl_resumable(out / name) if ckpt is not None and r["step"] <= start]
-            write_jsonl(out / name, rows)
+            keep_rows_through(out / name, start if ckpt is not None else -1)
         if ckpt is None:
             for p in (out / "samples").glob("*.png"):
                 p.unlink()

@@ -58,14 +58,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, fill_from_rank0, full_state_of,
-                    load_image, load_on_rank0, plot_curves, print0, read_jsonl_resumable, read_manifest, recover_dir,
-                    replace_dir, run_stage, seed_everything, setup_dist, write_json, write_jsonl)
+from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, fill_from_rank0, fsdp_shard,
+                    full_state_of, keep_rows_through, load_image, load_on_rank0, optimizer_state, plot_curves, print0,
+                    read_jsonl_resumable, read_manifest, recover_dir, replace_dir, run_stage, seed_everything,
+                    set_optimizer_state, setup_dist, write_json, write_jsonl)
 from reward import IMAGE, N_SCORES, content_parts, parse_score
 
 # Qwen3-VL returns its per-image features as views; FSDP2 warns in case they are modified in place.
@@ -347,13 +346,7 @@ def shard(model, device, world):
     weights are broadcast into every rank's shards."""
     full = full_state_of(model, dist.get_rank())
     mesh = init_device_mesh(device.type, (world,))
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
-          else MixedPrecisionPolicy())  # fp32 on CPU
-    inner = model.model
-    for layer in inner.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(inner.visual, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fsdp_shard(model, [*model.model.language_model.layers, model.model.visual], device, mesh)
     fill_from_rank0(model, full, device)
     return model
 
@@ -393,23 +386,17 @@ def save_checkpoint(model, opt, processor, out, step, state, save_dtype, rank):
         tmp.mkdir(parents=True)
     dist.barrier()
     save_model(model, processor, tmp, torch.float32, rank)  # fp32: resume continues from the exact weights
-    osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    flat, groups = optimizer_state(model, opt)
     if rank == 0:
-        flat = {f"{fqn}::{k}": v.detach().cpu().contiguous() for fqn, s in osd["state"].items() for k, v in s.items()}
         save_file(flat, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "trainer_state.json", dict(state, step=step, param_groups=osd["param_groups"]))
+        write_json(tmp / "trainer_state.json", dict(state, step=step, param_groups=groups))  # last: marks it complete
         replace_dir(tmp, ckpt)
     dist.barrier()
 
 
 def load_optimizer(model, opt, ckpt):
-    flat, state = load_file(str(ckpt / "optimizer.safetensors")), json.loads((ckpt / "trainer_state.json").read_text())
-    nested = defaultdict(dict)
-    for key, v in flat.items():
-        fqn, k = key.rsplit("::", 1)
-        nested[fqn][k] = v
-    osd = {"state": dict(nested), "param_groups": state["param_groups"]}
-    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    set_optimizer_state(model, opt, load_file(str(ckpt / "optimizer.safetensors")), state["param_groups"])
 
 
 # -----------------------------------------------------------------------------
@@ -541,7 +528,7 @@ def main(args):
         out.mkdir(parents=True, exist_ok=True)
         metrics_path = out / "metrics.jsonl"
         if resume:  # drop rows logged after the checkpoint: the rerun logs them again
-            write_jsonl(metrics_path, [r for r in read_jsonl_resumable(metrics_path) if r["step"] <= start])
+            keep_rows_through(metrics_path, start)
         elif metrics_path.exists():
             metrics_path.unlink()
     if args.preset:

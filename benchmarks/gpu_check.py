@@ -145,7 +145,8 @@ def mixed_precision(device):  # as the stage scripts: bf16 compute, fp32 gradien
 def part_generator(args, S, device, world):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from peft import LoraConfig
-    from rl_gen import LORA_TARGETS, clone_weights, kl_loss, nft_loss, ode_sample, rectified_flow_interp, use_weights, velocity
+    from common import clone_weights, use_weights
+    from rl_gen import LORA_TARGETS, kl_loss, nft_loss, ode_sample, rectified_flow_interp, velocity
     torch.manual_seed(0)
     with torch.device(device):  # fp32, as rl_gen trains it; bf16 compute comes from the FSDP policy
         tr = SD3Transformer2DModel(**S["sd3"])

@@ -9,7 +9,6 @@ import pytest
 import common
 import curate
 import reward
-import rl_gen
 from common import DataError, read_jsonl_resumable, recover_dir, replace_dir
 
 
@@ -117,9 +116,9 @@ def test_replace_dir_swaps_a_complete_directory_in(tmp_path):
 def test_rl_resume_finds_a_checkpoint_left_between_the_two_renames(tmp_path):
     common.setup_dist()
     checkpoint(tmp_path / "checkpoint.old", 3)
-    assert rl_gen.find_checkpoint(tmp_path, rank=0) == tmp_path / "checkpoint"
+    assert common.find_checkpoint(tmp_path, rank=0) == tmp_path / "checkpoint"
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 3
-    assert rl_gen.find_checkpoint(tmp_path / "elsewhere", rank=0) is None
+    assert common.find_checkpoint(tmp_path / "elsewhere", rank=0) is None
 
 
 # -----------------------------------------------------------------------------

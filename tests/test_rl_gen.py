@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import common
 import rl_gen as R
 from tests.conftest import ROOT
 
@@ -153,7 +154,7 @@ def _update_setup(kl_weight=1e-4, adv_clip=5.0):
     net = torch.nn.Linear(4, 4)
     params = list(net.parameters())
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    old, ema, ref = R.clone_weights(params), R.clone_weights(params), R.clone_weights(params)
+    old, ema, ref = common.clone_weights(params), common.clone_weights(params), common.clone_weights(params)
     x0, x_t, ts = torch.randn(3, 4), torch.randn(3, 2, 4), torch.rand(3, 2) * 0.8 + 0.1
     micro = [(lambda x, t: net(x), x_t, ts, x0, torch.tensor([0.9, 0.1, 0.5]), torch.ones(3))]
     args = SimpleNamespace(nft_beta=1.0, kl_weight=kl_weight, adv_clip=adv_clip, grad_clip=1.0)
@@ -163,7 +164,7 @@ def _update_setup(kl_weight=1e-4, adv_clip=5.0):
 def test_a_step_without_any_reward_changes_nothing():
     # AdamW on a zero gradient would still move the weights (momentum, weight decay): the step is skipped whole
     net, params, opt, old, ema, ref, micro, args = _update_setup()
-    before = R.clone_weights(params)
+    before = common.clone_weights(params)
     assert R.nft_step(net, params, opt, old, ema, ref, micro, 0, 0, args, 1) is None
     assert all(torch.equal(a, b) for a, b in zip(params, before)) and not opt.state
     assert all(torch.equal(a, b) for w in (old, ema) for a, b in zip(w, before))
@@ -171,7 +172,7 @@ def test_a_step_without_any_reward_changes_nothing():
 
 def test_soft_updates_count_the_optimizer_steps_done():
     net, params, opt, old, ema, ref, micro, args = _update_setup()
-    old0, step = R.clone_weights(params), 7
+    old0, step = common.clone_weights(params), 7
     R.nft_step(net, params, opt, old, ema, ref, micro, 3, step, args, 1)
     d_old, d_ema = R.old_policy_decay(step + 1), R.ema_decay(step + 1)  # 0.008 and 9/18 (release: post-increment)
     assert d_old == pytest.approx(0.008) and d_ema == pytest.approx(0.5)
