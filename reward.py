@@ -619,7 +619,10 @@ class ServedCritic:
         self.url, self.api_key = url.rstrip("/"), os.environ.get(API_KEY_ENV) or None
         self.prompts, self.max_new_tokens = load_prompts(prompt_file), max_new_tokens
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
-        served = [m.get("id") for m in self._call("GET", "/models").get("data", [])]
+        try:
+            served = [m.get("id") for m in self._call("GET", "/models").get("data", [])]
+        except OSError as e:  # nothing listens there (yet): a wrong URL, or a server still loading its model
+            raise CriticServerError(f"no critic server answers at {self.url}: {e}") from None
         if model is None and len(served) != 1:
             raise CriticServerError(f"{self.url} serves {served}: name one as {self.url}#<served model name>")
         if model is not None and model not in served:

@@ -75,9 +75,12 @@ def test_many_clients_with_many_requests_in_flight_lose_nothing(server, mini_dat
     assert sorted(results) == [0, 1, 2, 3] and all(r == [want] * 3 for r in results.values())
 
 
-def test_a_wrong_served_name_says_what_is_served(server):
+def test_a_wrong_served_name_says_what_is_served_and_a_wrong_url_that_nothing_answers(server, monkeypatch):
     with pytest.raises(reward.CriticServerError, match=r"does not serve 'firm-edit'; it serves \['.*critic-base'\]"):
         reward.open_critic(server.url + "#firm-edit")
+    monkeypatch.setattr(reward.time, "sleep", lambda s: None)
+    with pytest.raises(reward.CriticServerError, match=r"no critic server answers at http://127.0.0.1:9/v1"):
+        reward.open_critic("http://127.0.0.1:9/v1#firm-edit")
 
 
 def test_several_samples_need_a_server_that_honours_n(server, mini_data):
