@@ -395,7 +395,7 @@ class Rewarder:
             self.scorer = None
         else:
             from reward import open_critic
-            self.scorer = open_critic(args.reward_model, device=device, max_new_tokens=args.max_new_tokens,
+            self.scorer = open_critic(args.reward_model, device=device, max_new_tokens=args.reward_max_new_tokens,
                                       batch_size=args.reward_batch)
 
     def score(self, records, sources, edited):
@@ -519,7 +519,7 @@ PRESETS = {
                  out_root="runs/mini", steps=30, prompts_per_step=4, group_size=8, micro_batch=32,
                  timestep_fraction=0.34, lora_rank=16, lora_alpha=32, lr=1e-3, eval_every=10, save_every=10, eval_steps=6,
                  gradient_checkpointing=False,
-                 eval_prompts=32, max_new_tokens=192, reward_batch=32, threads=1),
+                 eval_prompts=32, reward_max_new_tokens=192, reward_batch=32, threads=1),
 }
 
 
@@ -545,7 +545,7 @@ def get_args(argv=None):
     ap.add_argument("--reward-method", choices=["generate", "expected"], default="generate",
                     help="critic scoring: greedy answer then parse (paper), or expected score from digit probabilities")
     ap.add_argument("--reward-batch", type=int, default=16, help="items per critic forward")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="critic answer length limit, tokens (default: reward.py's "
+    ap.add_argument("--reward-max-new-tokens", type=int, default=None, help="critic answer length limit, tokens (default: reward.py's "
                     "per-mode limit, the release's 256 for the edit critic)")
     # rollout
     ap.add_argument("--rollout-steps", type=int, default=6, help="ODE steps per edit (release: sample.num_steps 6)")
@@ -577,7 +577,7 @@ def get_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=25, help="steps between evaluations on the test prompts with the EMA "
                     "weights, also before the first and after the last (0 = never; no grid)")
     ap.add_argument("--eval-prompts", type=int, default=64, help="test prompts evaluated (one edit each, fixed seeds)")
-    ap.add_argument("--grid-rows", type=int, default=8, help="test prompts in the edit grids")
+    ap.add_argument("--grid-prompts", type=int, default=8, help="test prompts in the edit grids")
     ap.add_argument("--save-every", type=int, default=25, help="steps between checkpoints (--out/checkpoint; release: 50), "
                     "and after the last step (0 = after the last only)")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint if it exists")
@@ -780,7 +780,7 @@ def main(args):
             after, m_after = evaluate(ema)
     if rank == 0:
         if before is not None:
-            rows = [[s, b, a] for s, b, a in zip(test_sources, before, after)][:args.grid_rows]
+            rows = [[s, b, a] for s, b, a in zip(test_sources, before, after)][:args.grid_prompts]
             image_grid(rows).save(out / "edits_grid.png")
         rows_metrics = [json.loads(l) for l in open(out / "metrics.jsonl")]
         series = {k: [(r["step"], r[k]) for r in rows_metrics if r.get(k) is not None]

@@ -107,7 +107,7 @@ def get_args(argv=None):
     # rollout
     ap.add_argument("--prompts-per-step", type=int, default=48, help="prompt groups per RL step (global)")
     ap.add_argument("--group-size", type=int, default=16, help="samples per prompt (K)")
-    ap.add_argument("--sample-steps", type=int, default=10, help="ODE sampler steps for rollouts and evaluation")
+    ap.add_argument("--rollout-steps", type=int, default=10, help="ODE sampler steps for rollouts and evaluation")
     ap.add_argument("--rollout-batch", type=int, default=16, help="samples per sampler call, per rank")
     # DiffusionNFT
     ap.add_argument("--nft-beta", type=float, default=1.0, help="NFT mixing coefficient beta of v+ / v- (NOT the KL weight)")
@@ -564,7 +564,7 @@ def evaluate(args, gen, model, params, weights, test, scorer, step, rank, world)
     emb, pooled = encode_prompts(gen, [test[i]["prompt"] for i, _ in mine])
     seeds = [sample_seed(args.seed, "eval", i, k) for i, k in mine]  # the same noise at every evaluation
     with use_weights(model, params, weights):
-        lat = sample_latents(gen, model, emb, pooled, seeds, noise_levels(gen.pipe.scheduler, args.sample_steps),
+        lat = sample_latents(gen, model, emb, pooled, seeds, noise_levels(gen.pipe.scheduler, args.rollout_steps),
                              gen.latent_shape(args.resolution), args.rollout_batch)
     images = [tensor_to_pil(x) for x in decode(gen, lat[:n_real])]
     for (i, k), im in zip(mine[:n_real], images):  # each rank writes its own pictures; rank 0 assembles the grid
@@ -692,14 +692,14 @@ def main(args):
     P, K = args.prompts_per_step, args.group_size
     N = P * K  # (prompt, sample) pairs per step, global index j = g * K + k
     idx_local, n_real = padded_slice(N, rank, world)
-    timesteps = noise_levels(gen.pipe.scheduler, args.sample_steps)  # the checkpoint's noise levels, 1 -> 0
-    T = max(1, int(args.timestep_fraction * args.sample_steps))  # training timesteps per sample
+    timesteps = noise_levels(gen.pipe.scheduler, args.rollout_steps)  # the checkpoint's noise levels, 1 -> 0
+    T = max(1, int(args.timestep_fraction * args.rollout_steps))  # training timesteps per sample
     shape = gen.latent_shape(args.resolution)
     n_train = sum(p.numel() for p in params)
     print0(f"world {world} | {'full fine-tune' if args.full_finetune else f'LoRA r{args.lora_rank} alpha {args.lora_alpha:g}'}: "
            f"{n_train / 1e6:.2f} M trainable parameters | latents {tuple(shape)}, timestep shift {gen.shift:g}")
     print0(f"per step: {P} prompts x {K} samples = {N} rollouts ({len(idx_local)} on this rank), "
-           f"{args.sample_steps} sampler steps, {T} training timesteps per sample | reward {args.reward} | "
+           f"{args.rollout_steps} sampler steps, {T} training timesteps per sample | reward {args.reward} | "
            f"nft_beta {args.nft_beta:g}, kl_weight {args.kl_weight:g}")
     log, elog = MetricsLog(out / "metrics.jsonl", rank == 0), MetricsLog(out / "eval.jsonl", rank == 0)
     if start == 0 and args.eval_every and test:

@@ -184,7 +184,7 @@ def rl_gen_args(sd35, qwen3vl, data, out, *extra):
     return ["--model", str(sd35), "--prompts", str(data["gen_prompts"]), "--test-prompts", str(data["gen_prompts"]),
             "--eval-prompts", "2", "--reward-model", str(qwen3vl),
             "--reward-method", "expected", "--out", str(out), "--resolution", str(RES), "--steps", "1",
-            "--prompts-per-step", "2", "--group-size", "2", "--sample-steps", "2", "--timestep-fraction", "0.5",
+            "--prompts-per-step", "2", "--group-size", "2", "--rollout-steps", "2", "--timestep-fraction", "0.5",
             "--rollout-batch", "4", "--train-batch", "4", "--reward-batch", "4", "--reward-max-new-tokens", "8", *extra]
 
 
@@ -237,7 +237,7 @@ def rl_edit_args(qwen_edit, qwen3vl, data, out, *extra):
     return ["--model", str(qwen_edit), "--prompts", str(data["edit_prompts"]), "--reward-model", str(qwen3vl),
             "--reward-method", "expected", "--out", str(out), "--resolution", str(RES), "--steps", "1",
             "--prompts-per-step", "2", "--group-size", "2", "--rollout-steps", "2", "--timestep-fraction", "0.5",
-            "--micro-batch", "4", "--reward-batch", "4", "--max-new-tokens", "8", "--eval-prompts", "1", "--grid-rows", "1",
+            "--micro-batch", "4", "--reward-batch", "4", "--reward-max-new-tokens", "8", "--eval-prompts", "1", "--grid-prompts", "1",
             *extra]
 
 

@@ -261,7 +261,7 @@ def test_a_killed_run_resumes_to_the_same_weights(editor_dir, mini_data, straigh
 def test_critic_parse_failures_are_counted_and_dropped_not_fatal(editor_dir, mini_data, critic_base, tmp_path):
     out = tmp_path / "critic"
     args = rl_args(editor_dir, mini_data, out, "--steps", "1", "--reward", "cme", "--reward-model", str(critic_base),
-                   "--max-new-tokens", "4", "--group-size", "2")
+                   "--reward-max-new-tokens", "4", "--group-size", "2")
     rl_edit.main(args)
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     # an untrained critic answers gibberish: every reward fails to parse, nothing is trained on, nothing crashes

@@ -335,7 +335,7 @@ def tiny(tmp_path_factory, mini_data):
 def _args(tiny, out, *extra):
     root, train, test = tiny
     return ["--preset", "mini", "--model", str(root / "gen"), "--prompts", str(train), "--test-prompts", str(test),
-            "--reward", "pixel", "--out", str(out), "--prompts-per-step", "2", "--group-size", "3", "--sample-steps", "3",
+            "--reward", "pixel", "--out", str(out), "--prompts-per-step", "2", "--group-size", "3", "--rollout-steps", "3",
             "--timestep-fraction", "0.67", "--eval-prompts", "3", "--eval-every", "1", "--rollout-batch", "4",
             "--train-batch", "4", *extra]
 

@@ -139,7 +139,7 @@ def gen_args(gen, mini_data, out, critic, *extra):
     return rl_gen.get_args(["--preset", "mini", "--model", str(gen), "--prompts", str(rl / "gen_train.jsonl"),
                             "--test-prompts", str(rl / "gen_test.jsonl"), "--reward", "qma", "--reward-model", critic,
                             "--reward-max-new-tokens", str(TOKENS), "--out", str(out), "--prompts-per-step", "2",
-                            "--group-size", "2", "--sample-steps", "2", "--timestep-fraction", "0.5", "--eval-prompts",
+                            "--group-size", "2", "--rollout-steps", "2", "--timestep-fraction", "0.5", "--eval-prompts",
                             "2", "--eval-every", "1", "--rollout-batch", "4", "--train-batch", "4", *extra])
 
 
@@ -177,7 +177,7 @@ def test_rl_edit_scores_through_the_served_critic_and_its_key_reaches_no_file_an
     out, rl = tmp_path / "run", mini_data / "rl"
     rl_edit.main(rl_edit.get_args(["--model", str(editor), "--prompts", str(rl / "edit_train.jsonl"), "--test-prompts",
                                    str(rl / "edit_test.jsonl"), "--out", str(out), "--reward", "cme", "--reward-model",
-                                   server.spec, "--max-new-tokens", str(TOKENS), "--prompts-per-step", "1",
+                                   server.spec, "--reward-max-new-tokens", str(TOKENS), "--prompts-per-step", "1",
                                    "--group-size", "2", "--micro-batch", "2", "--rollout-steps", "2", "--eval-steps", "2",
                                    "--eval-prompts", "1", "--eval-every", "100", "--steps", "1", "--threads", "1"]))
     rows = read_jsonl(out / "metrics.jsonl")
