@@ -21,7 +21,7 @@ Prompt records (JSONL): {"id", "prompt" (the instruction), "image" (path relativ
 "requirement" (optional, passed to the critic)}; the miniature world's also carry "toy" (scenes) for the
 independent pixel judge. Output (--out), laid out like rl_gen.py's: pytorch_lora_weights.safetensors (the EMA
 adapters; pipe.load_lora_weights(out) or load_editor(model, lora_dir=out)) + pytorch_lora_weights.json, or
-transformer/ with --full-finetune; metrics.jsonl, reward.png, edits_grid.png (source | before RL | after),
+transformer/ with --full-finetune; metrics.jsonl, reward_curve.png, samples_grid.png (source | before RL | after),
 rl_edit.json (before/after summary), checkpoint/ (resume with --resume).
 
 Conditioning, as Qwen-Image-Edit does it (read diffusers' pipeline_qwenimage_edit_plus.py beside this):
@@ -781,17 +781,17 @@ def main(args):
     if rank == 0:
         if before is not None:
             rows = [[s, b, a] for s, b, a in zip(test_sources, before, after)][:args.grid_prompts]
-            image_grid(rows).save(out / "edits_grid.png")
+            image_grid(rows).save(out / "samples_grid.png")
         rows_metrics = [json.loads(l) for l in open(out / "metrics.jsonl")]
         series = {k: [(r["step"], r[k]) for r in rows_metrics if r.get(k) is not None]
                   for k in ("reward", "eval_reward", "eval_pixel", "eval_edited", "eval_kept")}
-        plot_curves(out / "reward.png", {k: v for k, v in series.items() if v}, title=f"rl_edit --reward {args.reward}")
+        plot_curves(out / "reward_curve.png", {k: v for k, v in series.items() if v}, title=f"rl_edit --reward {args.reward}")
         first = next((r for r in rows_metrics if r["step"] == 0), {})
         summary = {"reward": args.reward, "steps": args.steps, "before": {k: v for k, v in first.items() if k.startswith("eval_")},
                    "after": m_after, "noop": pixel_judge(test, test_sources), "args": vars(args)}
         write_json(out / "rl_edit.json", summary)
-        print0(f"wrote {out}: {'transformer/' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, edits_grid.png (source | before | after), "
-               f"reward.png, metrics.jsonl, rl_edit.json")
+        print0(f"wrote {out}: {'transformer/' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, samples_grid.png (source | before | after), "
+               f"reward_curve.png, metrics.jsonl, rl_edit.json")
         print0("before: " + json.dumps(summary["before"]) + "\nafter:  " + json.dumps(m_after))
     cleanup_dist()
 

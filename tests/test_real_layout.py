@@ -252,7 +252,7 @@ def rl_edit_out(qwen_edit, qwen3vl, data, tmp_path_factory):
 def check_rl_edit_out(out):
     last = rows(out / "metrics.jsonl")[-1]
     assert last["step"] == 1 and last["parse_failures"] == 0 and math.isfinite(last["loss"])
-    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "edits_grid.png").is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "samples_grid.png").is_file()
 
 
 def test_rl_edit_trains_on_the_qwen_image_edit_layout_and_its_lora_loads_into_the_diffusers_pipeline(rl_edit_out, qwen_edit):

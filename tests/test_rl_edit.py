@@ -229,7 +229,7 @@ def test_two_rl_steps_log_rewards_grids_and_a_before_after_summary(straight_run)
     rows = [json.loads(l) for l in open(straight_run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2] and 0 <= rows[1]["reward"] <= 1 and rows[1]["parse_failures"] == 0
     assert rows[0]["eval_pixel"] == rows[0]["eval_reward"]  # --reward pixel: the judge is the reward
-    assert (straight_run / "edits_grid.png").is_file() and (straight_run / "reward.png").is_file()
+    assert (straight_run / "samples_grid.png").is_file() and (straight_run / "reward_curve.png").is_file()
     summary = json.loads((straight_run / "rl_edit.json").read_text())
     assert set(summary["before"]) >= {"eval_reward", "eval_edited", "eval_kept", "eval_change"}
     assert summary["after"]["eval_pixel"] == rows[2]["eval_pixel"] and summary["noop"]["kept"] == 1.0
