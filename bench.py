@@ -236,9 +236,8 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None, check_image
                                     f"{' here and in ' + spec['scores'] if spec.get('scores') else ''}); "
                                     f"map it with --field-map '{{\"{split}.{name}\": \"...\"}}'")
             for name, kind in BENCH_FIELDS.items():
-                for image in check_field(item, name, kind, f"{path}:{n}") if name in fields else []:
-                    if not check_images:
-                        continue
+                found = check_field(item, name, kind, f"{path}:{n}")  # the image paths it holds
+                for image in found if check_images else []:
                     check_image(Path(item["root"]) / image, True, f"{path}:{n}: field '{name}' ('{fields[name]}')")
                     images.append(Path(item["root"]) / image)
             h = item["human_score"]

@@ -430,16 +430,23 @@ class Critic:
     @torch.inference_mode()
     def score(self, mode, items, method="generate", samples=1):
         check_method(method, samples)
-        chats = [self.processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
-                                                    tokenize=False) for parts in check_items(mode, items, self.prompts)]
+        turns = check_items(mode, items, self.prompts)
         images = [[it[k].convert("RGB") for k in IMAGE_FIELDS[mode]] for it in items]
         out = []
         for s in range(0, len(items), self.batch_size):
-            batch = self.processor(text=chats[s:s + self.batch_size], images=images[s:s + self.batch_size],
-                                   return_tensors="pt", padding=True).to(self.device)
-            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+            batch = self._inputs(turns[s:s + self.batch_size], images[s:s + self.batch_size])
             out += self._generate(mode, batch, samples) if method == "generate" else self._expected(mode, batch)
         return out
+
+    def _inputs(self, turns, images):
+        """User turns (content parts) and their images -> one left-padded batch on the device, pixels in our dtype."""
+        chats = [self.processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                                    tokenize=False) for parts in turns]
+        batch = self.processor(text=chats, images=images if any(images) else None, return_tensors="pt",
+                               padding=True).to(self.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        return batch
 
     def _generate(self, mode, batch, samples):  # -> one Judgement per item
         gc = copy.deepcopy(self.model.generation_config)
@@ -458,12 +465,7 @@ class Critic:
     @torch.inference_mode()
     def chat(self, images, text, max_new_tokens=512):
         """A free-form question about `images` (curate's difference reports and plans): the greedy answer."""
-        parts = content_parts(mark_images(text, len(images), "the judge prompt"))
-        prompt = self.processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
-                                                    tokenize=False)
-        batch = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt").to(self.device)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        batch = self._inputs([content_parts(mark_images(text, len(images), "the judge prompt"))], [images])
         seq = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)[0, batch["input_ids"].shape[1]:]
         return self.tok.decode(seq, skip_special_tokens=True)
 
@@ -568,10 +570,13 @@ def failure_note(stats):
     """One line on a batch's failed rewards (None when there are none): how many, of which kind, the first error."""
     if not stats["failed"]:
         return None
-    cut, unanswered = sum(stats["cut"].values()), sum(stats["unanswered"].values())
-    kinds = [f"{cut} answer(s) cut by the length limit"] * bool(cut) + [f"{unanswered} not answered by the server"] * bool(unanswered)
-    return (f"{stats['failed']} of {stats['n']} rewards failed{' (' + ', '.join(kinds) + ')' if kinds else ''}: "
-            f"{stats['errors'][0][:200]}")
+    kinds = []
+    if cut := sum(stats["cut"].values()):
+        kinds.append(f"{cut} answer(s) cut by the length limit")
+    if unanswered := sum(stats["unanswered"].values()):
+        kinds.append(f"{unanswered} not answered by the server")
+    kinds = f" ({', '.join(kinds)})" if kinds else ""
+    return f"{stats['failed']} of {stats['n']} rewards failed{kinds}: {stats['errors'][0][:200]}"
 
 
 # -----------------------------------------------------------------------------

@@ -414,8 +414,8 @@ class Rewarder:
         items = [{"source": s, "edited": e, "instruction": r["prompt"], "requirement": r.get("requirement")}
                  for r, s, e in zip(records, sources, edited)]
         rewards, stats = edit_rewards(self.scorer, items, fusion=self.fusion, on_failure="drop", method=self.method)
-        if failure_note(stats):  # a dead critic server, answers cut by the limit, or answers with no score
-            print0(f"rank 0: {failure_note(stats)}")
+        if note := failure_note(stats):  # a dead critic server, answers cut by the limit, or answers with no score
+            print0(f"rank 0: {note}")
         return rewards, stats["failed"]
 
 

@@ -537,8 +537,8 @@ def compute_rewards(args, scorer, images, recs):
     items = [{"image": im.resize((size, size), Image.BICUBIC) if size else im, "prompt": r["prompt"],
               "requirement": r.get("requirement")} for im, r in zip(images, recs)]
     rewards, stats = gen_rewards(scorer, items, fusion=args.reward, on_failure="drop", method=args.reward_method)
-    if failure_note(stats):  # a dead critic server, answers cut by the limit, or answers with no score
-        print0(f"rank 0: {failure_note(stats)}")
+    if note := failure_note(stats):  # a dead critic server, answers cut by the limit, or answers with no score
+        print0(f"rank 0: {note}")
     return list(rewards), judge
 
 
