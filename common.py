@@ -5,12 +5,14 @@ file:line:field, images that fail with the file name, safetensors + JSON sidecar
 one-line-per-step metrics log and a dependency-free line plot for reward/loss curves.
 """
 
+import argparse
 import contextlib
 import datetime
 import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -259,6 +261,206 @@ def load_checkpoint(ckpt, model, params, opt, strict=True):
 def keep_rows_through(path, step):
     """On resume: drop the rows a killed run logged after its checkpoint's step (the rerun logs them again)."""
     write_jsonl(path, [r for r in read_jsonl_resumable(path) if r["step"] <= step])
+
+
+# -----------------------------------------------------------------------------
+# RL runs (rl_gen.py, rl_edit.py): per-sample seeds, the step's prompts, this rank's share, gathers, evaluation files.
+# Everything a sample gets (prompt, noise, timesteps) is a function of (run seed, step, global index), never of
+# the rank: the same run on 1 or 8 GPUs draws the same samples.
+
+
+def sample_seed(seed, *ids):
+    """A 63-bit seed from the run seed and global ids (step, sample index, "eval", ...)."""
+    return random.Random(":".join(str(i) for i in (seed, *ids))).getrandbits(63)
+
+
+def noise_like(shape, seeds, device):
+    """One Gaussian tensor of `shape` per seed, stacked (len(seeds), *shape): the same sample gets the same noise
+    on any rank and in any batch."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
+def step_prompts(n_prompts, per_step, step, seed):
+    """Prompt indices of one RL step: consecutive slices of per-epoch shuffles (every prompt once per epoch)."""
+    out, perms = [], {}
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(k, n_prompts)
+        if epoch not in perms:
+            perms[epoch] = random.Random(f"{seed}:epoch:{epoch}").sample(range(n_prompts), n_prompts)
+        out.append(perms[epoch][i])
+    return out
+
+
+def rank_batches(keys, rank, world, size):
+    """This rank's micro-batches of the n = len(keys) global samples: its contiguous slice [rank n / world,
+    (rank + 1) n / world), grouped by keys[j] (one batch, one tensor shape: e.g. the working size), chunked to
+    `size`. Returns [(global indices, real)]: padded with repeats of a batch (real=False) to the largest count over
+    the ranks, because every FSDP forward is collective and all ranks must run as many."""
+    plans = []
+    for r in range(world):
+        groups = {}
+        for j in range(r * len(keys) // world, (r + 1) * len(keys) // world):
+            groups.setdefault(keys[j], []).append(j)
+        plans.append([g[i:i + size] for g in groups.values() for i in range(0, len(g), size)])
+    mine = plans[rank]
+    filler = next((p[0] for p in plans if p), [])  # a rank with no sample of its own repeats another rank's batch
+    return [(b, True) for b in mine] + [(mine[0] if mine else filler, False)] * (max(map(len, plans)) - len(mine))
+
+
+def all_gather_values(values, indices, n, device):
+    """Every rank's values (floats or None) at their global indices -> the full list of n on every rank
+    (None where no rank had a finite value). A sum-reduce of (value, present): no pickling, NCCL-friendly."""
+    buf = torch.zeros(2, n, dtype=torch.float64, device=device)
+    for j, v in zip(indices, values, strict=True):
+        if v is not None and math.isfinite(v):
+            buf[0, j], buf[1, j] = v, 1.0
+    dist.all_reduce(buf)  # sync point: every rank needs every reward (group means, the global std)
+    return [float(buf[0, j]) if buf[1, j] > 0 else None for j in range(n)]
+
+
+def mean_or_none(values):
+    ok = [v for v in values if v is not None]
+    return sum(ok) / len(ok) if ok else None
+
+
+def add_rl_args(ap, reward="qma", fusions=("qma", "instruction"), rollout_steps=10, eval_steps=40, prompts_per_step=48,
+                group_size=16, steps=600, lr=3e-4, eval_every=50, save_every=50):
+    """The flags rl_gen.py and rl_edit.py share: one vocabulary, one meaning; each script passes its release's defaults
+    (rl_gen: SD3.5-M, DiffusionNFT; rl_edit: FIRM-Reward's editing config)."""
+    # reward
+    ap.add_argument("--reward", default=reward, choices=fusions, help="fusion of the critic's scores (reward.py)")
+    ap.add_argument("--reward-model", default=None, help="the critic (reward.open_critic): a model directory scored in "
+                    "process, an OpenAI-compatible endpoint http://host:port/v1[#served name] (key from "
+                    "$FIRM_CRITIC_API_KEY), or a Python factory module:name")
+    ap.add_argument("--reward-method", default="generate", choices=["generate", "expected"],
+                    help="greedy answer then parse (paper), or the expected score from digit probabilities")
+    ap.add_argument("--reward-batch", type=int, default=16, help="items per critic forward")
+    ap.add_argument("--reward-max-new-tokens", type=int, default=None,
+                    help="critic answer limit, tokens (default: the release's per-mode limit, reward.MAX_NEW_TOKENS)")
+    # rollout
+    ap.add_argument("--prompts-per-step", type=int, default=prompts_per_step, help="prompt groups per RL step, all ranks")
+    ap.add_argument("--group-size", type=int, default=group_size, help="samples per prompt (K); need not divide the ranks")
+    ap.add_argument("--rollout-steps", type=int, default=rollout_steps, help="ODE sampler steps per rollout")
+    ap.add_argument("--micro-batch", type=int, default=8, help="samples per forward, per rank (rollout and training)")
+    # DiffusionNFT
+    ap.add_argument("--nft-beta", type=float, default=1.0, help="NFT mixing coefficient beta of v+ / v- (NOT the KL weight)")
+    ap.add_argument("--kl-weight", type=float, default=1e-4, help="weight of mse(v, v_base), the KL to the frozen base")
+    ap.add_argument("--timestep-fraction", type=float, default=0.99, help="trained noise levels per sample = "
+                    "int(fraction x rollout steps), >= 1")
+    # optimisation
+    ap.add_argument("--steps", type=int, default=steps, help="RL steps, one optimizer step each")
+    ap.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
+    ap.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    ap.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on the attention projections")
+    ap.add_argument("--lora-alpha", type=float, default=64, help="LoRA alpha (scale = alpha / rank)")
+    ap.add_argument("--full-finetune", action="store_true", help="train every transformer weight instead of LoRA")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                    help="recompute each transformer block in backward (less memory)")
+    # evaluation, checkpoints
+    ap.add_argument("--eval-every", type=int, default=eval_every, help="steps between held-out evaluations of the EMA "
+                    "weights, also before the first and after the last (0 = never)")
+    ap.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation (one sample each)")
+    ap.add_argument("--eval-steps", type=int, default=eval_steps, help="ODE sampler steps per evaluation sample")
+    ap.add_argument("--eval-judge", default=None, help="an independent judge of the held-out samples, any critic spec "
+                    "(reward.open_critic), fused as the paper does (QMA / CME)")
+    ap.add_argument("--grid-prompts", type=int, default=6, help="held-out prompts in samples_grid.png")
+    ap.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints, and after the last")
+    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint if it exists")
+    ap.add_argument("--stop-after", type=int, default=None, help="testing: exit after this many steps, as if killed")
+    ap.add_argument("--seed", type=int, default=0, help="prompt order, noise, trained noise levels, LoRA init")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0 = torch's default)")
+
+
+@torch.no_grad()
+def evaluate_rl(draw, scorers, keys, step, out, grid_rows, micro_batch, rank, world, device):
+    """Held-out evaluation of the weights now in the model, spread over the ranks like a rollout.
+
+    draw(indices) -> PIL images of those held-out prompts (fixed seeds; collective forward passes); scorers:
+    {name: score(indices, images) -> values in [0, 1] or None}, each rank scoring its own images; keys: one per
+    held-out prompt, as for rank_batches. The first grid_rows images are saved as samples/step{step}_{i}.png (each
+    rank writes its own). Returns {"eval_<name>": mean, "eval_<name>_fail": how many got no value}.
+    """
+    mine, images = [], []
+    for b, real in rank_batches(keys, rank, world, micro_batch):
+        drawn = draw(b)  # a dummy batch is drawn too: the forward passes are collective
+        if real:
+            mine, images = mine + b, images + drawn
+    for j, im in zip(mine, images):
+        if j < grid_rows:
+            im.save(Path(out) / "samples" / f"step{step:05d}_{j:03d}.png")
+    m = {}
+    for name, score in scorers.items():
+        values = all_gather_values(score(mine, images), mine, len(keys), device)
+        m[f"eval_{name}"] = mean_or_none(values)
+        m[f"eval_{name}_fail"] = sum(v is None for v in values)
+    return m
+
+
+def peak_memory_over_ranks(device):
+    """(min, max) over the ranks of each rank's peak memory in GiB: the GPU's allocator, or the process's RSS."""
+    gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30  # Linux ru_maxrss: KiB
+    t = torch.tensor([gb, -gb], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # sync point: the log shows the largest and smallest rank
+    return round(-float(t[1]), 3), round(float(t[0]), 3)
+
+
+def reward_stats(rewards):
+    """The log's view of a step's gathered rewards: mean, std and how many failed."""
+    ok = [x for x in rewards if x is not None]
+    mean = mean_or_none(ok)
+    return {"reward": mean, "reward_std": (sum((x - mean) ** 2 for x in ok) / len(ok)) ** 0.5 if ok else None,
+            "reward_fail": len(rewards) - len(ok)}
+
+
+def held_out_summary(evals):
+    """One line: the held-out numbers of the first and last evaluation (eval.jsonl rows)."""
+    if not evals:
+        return "no held-out evaluation"
+    a, b = evals[0], evals[-1]
+    return f"held-out, step {a['step']} -> {b['step']}: " + ", ".join(
+        f"{k} {a[k]:.3f} -> {b[k]:.3f}" for k in a if k.startswith("eval_") and isinstance(a[k], float) and isinstance(b.get(k), float))
+
+
+def start_rl_run(out, model, params, opt, old, ema, resume, rank, strict=True):
+    """Resume from out/checkpoint (with --resume) or start fresh. Returns (start step, old, ema). The logs keep
+    only the rows the checkpoint covers (the rerun logs the rest again); a fresh start clears old samples."""
+    out, start = Path(out), 0
+    ckpt = find_checkpoint(out, rank) if resume else None
+    if ckpt is not None:
+        start, old, ema = load_checkpoint(ckpt, model, params, opt, strict)
+        print0(f"resumed from {ckpt} after step {start}")
+    if rank == 0:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            keep_rows_through(out / name, start if ckpt is not None else -1)
+        if ckpt is None:
+            for p in (out / "samples").glob("*.png"):
+                p.unlink()
+    dist.barrier()  # no rank logs or samples before rank 0 has tidied the output directory
+    return start, old, ema
+
+
+def write_rl_pictures(out, n_rows, title, first_column=None):
+    """samples_grid.png (rows: held-out prompts; columns: first_column[i] if given, e.g. the edit's source, then
+    the evaluations in step order) and reward_curve.png (training reward; held-out reward and judge)."""
+    out = Path(out)
+    steps = sorted({int(p.name[4:9]) for p in (out / "samples").glob("step*_*.png")})
+    rows = []
+    for i in range(n_rows):
+        row = ([first_column[i]] if first_column else []) + [
+            load_image(f) for s in steps if (f := out / "samples" / f"step{s:05d}_{i:03d}.png").is_file()]
+        if row:
+            rows.append([im.resize((max(im.width, 96), max(im.height, 96)), Image.NEAREST) for im in row])
+    if rows:
+        image_grid(rows).save(out / "samples_grid.png")
+    train, ev = read_jsonl_resumable(out / "metrics.jsonl"), read_jsonl_resumable(out / "eval.jsonl")
+    series = {"train reward": [(r["step"], r["reward"]) for r in train],
+              "held-out reward": [(r["step"], r["eval_reward"]) for r in ev],
+              "held-out judge": [(r["step"], r.get("eval_judge")) for r in ev]}
+    plot_curves(out / "reward_curve.png", {k: v for k, v in series.items() if any(y is not None for _, y in v)},
+                title=f"{title}; grid columns: steps {steps}")
 
 
 def seed_everything(seed):

@@ -1,66 +1,46 @@
-"""DiffusionNFT for an instruction-based image editor (Qwen-Image-Edit) with the FIRM CME reward (Sec 3.4, 4.1).
+"""DiffusionNFT for an instruction-based image editor (Qwen-Image-Edit-2509) with the FIRM CME reward (Sec 3.4, 4.1).
 
-The editor sees a source image and an instruction and draws the edited image. Each RL step: the old
-policy edits every prompt K times (6-step deterministic ODE), the edit critic scores each result for
-execution and consistency, the scores are fused into one reward (--reward: CME, the paper's choice, or
-the naive weighted sums of its Table 5 ablation), and the DiffusionNFT loss (rl_gen.py, where the
-algorithm lives once) pulls the policy towards the better edits of each group. LoRA adapters by
-default; what is saved is the EMA of the adapters, as a diffusers LoRA file.
+The same RL step as rl_gen.py (its docstring numbers the steps; main() below follows them), with an editor as the
+policy: the old policy edits each of P source images K times (6-step deterministic ODE), the edit critic scores every
+edit for execution E and consistency C, and the scores are fused into one reward (--reward: CME = E (0.6 + 0.4 C), the
+paper's choice, or the weighted sums of its Table 5). The DiffusionNFT block (advantages, r, loss, update, decays,
+sampler) is imported from rl_gen.py, where the algorithm lives once. What this file adds is the model adapter: how
+Qwen-Image-Edit is conditioned, how its velocity is predicted, how latents are made and unmade.
 
-    python toy.py pretrain-edit                              # the tiny editor -> runs/mini/models/edit-base
-    python rl_edit.py --preset mini --reward cme             # -> runs/mini/rl_edit_cme
-    python rl_edit.py --preset mini --reward sum55           # the 0.5/0.5 sum (Table 5) -> runs/mini/rl_edit_sum55
-    torchrun --standalone --nproc_per_node=2 rl_edit.py --preset mini --reward cme
-    torchrun --standalone --nproc_per_node=8 rl_edit.py --model /ckpt/Qwen-Image-Edit-2509 \\
-        --prompts edits.jsonl --reward-model /ckpt/FIRM-Edit-8B --out ckpt/firm-qwen-edit
-    python rl_edit.py ... --reward-model http://critic-host:8000/v1#firm-edit   # a critic served by vLLM (README)
+    python rl_edit.py --preset mini                                  # the miniature world -> runs/mini/rl_edit_cme
+    torchrun --standalone --nproc_per_node=8 rl_edit.py --model /ckpt/Qwen-Image-Edit-2509 \
+        --prompts edits.jsonl --test-prompts edits_test.jsonl --reward-model /ckpt/FIRM-Edit-8B --out runs/firm-edit
+    (or --reward-model http://critic-host:8000/v1#firm-edit: a critic served by vLLM, see the README)
 
-Accepts Qwen-Image-Edit-2509 checkpoints (QwenImageEditPlusPipeline), as the release trains; others are refused.
+Prompt records (JSONL): {"id", "prompt" (the instruction), "image" (the source, relative to the JSONL file),
+"requirement" (optional, for the critic)}. Outputs (--out), as rl_gen.py's: pytorch_lora_weights.safetensors (the EMA
+adapters; pipe.load_lora_weights(out)) + .json sidecar, or transformer/ with --full-finetune; metrics.jsonl, eval.jsonl,
+reward_curve.png, samples_grid.png (held-out sources, then their edits at each evaluation), checkpoint/.
 
-Prompt records (JSONL): {"id", "prompt" (the instruction), "image" (path relative to the JSONL file),
-"requirement" (optional, passed to the critic)}; the miniature world's also carry "toy" (scenes) for the
-independent pixel judge. Output (--out), laid out like rl_gen.py's: pytorch_lora_weights.safetensors (the EMA
-adapters; pipe.load_lora_weights(out) or load_editor(model, lora_dir=out)) + pytorch_lora_weights.json, or
-transformer/ with --full-finetune; metrics.jsonl, reward_curve.png, samples_grid.png (source | before RL | after),
-rl_edit.json (before/after summary), checkpoint/ (resume with --resume).
+Conditioning, as Qwen-Image-Edit-2509 does it (read diffusers' pipeline_qwenimage_edit_plus.py beside this):
+  - the source is encoded to latents, packed 2x2 into tokens and concatenated AFTER the noisy latents along the
+    sequence; img_shapes lists both grids, so RoPE gives the source frame index 1 at the same (h, w) positions; only
+    the first half of the output (the noisy latents' tokens) is the velocity;
+  - the instruction and the source (at ~384x384) go through Qwen2.5-VL in the edit chat template; the last layer's
+    hidden states, without the system-prompt prefix, are the text stream;
+  - the transformer takes t in [0, 1]; the noise levels come from the checkpoint's scheduler (exponential shift by
+    the token count).
 
-Conditioning, as Qwen-Image-Edit does it (read diffusers' pipeline_qwenimage_edit_plus.py beside this):
-  - the source is encoded to latents, packed 2x2 into tokens, and concatenated AFTER the noisy latents
-    along the sequence; img_shapes lists both grids, so RoPE gives the source frame index 1 at the same
-    (h, w) positions; only the first half of the output (the noisy latents' tokens) is the velocity;
-  - the instruction and the source (at ~384x384) go through Qwen2.5-VL in the edit chat template; the
-    last layer's hidden states, without the system-prompt prefix, are the text stream;
-  - the transformer takes t in [0, 1] (the pipeline's timestep / 1000), the noise levels come from the
-    checkpoint's scheduler (resolution-dependent exponential shift, terminal stretch).
-
-Departures from the paper / release:
-  1. Our own prompt encoding: it passes mm_token_type_ids to Qwen2.5-VL (diffusers drops it, so the
-     image tokens get 1-D instead of 3-D M-RoPE positions: a known upstream bug) and finds the length of
-     the template prefix to drop from the tokenizer (diffusers hard-codes 64, right only for Qwen's).
-  2. Our own sampler (rl_gen.ode_sample) at --resolution (512 px, the paper's), not the pipeline's ~1 MP;
-     results are resized back to the source's size for the critic.
-  3. The old policy and the frozen reference are parameter VALUES swapped into the one sharded model
-     (for LoRA: the adapters; the reference is the adapters at step 0, B = 0, i.e. the base model).
-  4. Each rank scores its own edits (a critic per rank, or all ranks call one server); a critic answer
-     that does not parse gives no reward: the edit is dropped from its group (counted as parse_failures).
-  5. Defaults follow the release's editing configs where the paper is silent or differs (each flag's help
-     names its source): lr 1.5e-3, 24 prompts x 12 edits per step, 15 evaluation sampler steps; 150 steps as
-     the paper. The LoRA is trained and saved guidance-free: sample it with true_cfg_scale=1.0.
-  6. Miniature world (--preset mini): a tiny Qwen-Image editor of the real classes (toy.py pretrain-edit)
-     with no VAE: its "latents" are the 32 px pixels rearranged space-to-depth (lossless, handled in
-     encode_latents / decode_latents only); the critic sees the edits upsampled to 64 px. The preset
-     trains 30 steps of 4 prompts x 8 edits, 2 of the 6 noise levels per edit, LoRA r16 at lr 1e-3.
-
-Logged per step (metrics.jsonl): reward (fused, mean over edits that parsed), parse_failures, loss (NFT),
-kl, grad_norm, train_pixel (miniature world only); every --eval-every steps on the test prompts with the
-EMA weights: eval_reward, eval_change (mean |edited - source| per pixel, 0..1: ~0 = the editor returns the
-input unchanged), and on the miniature world eval_edited / eval_kept / eval_pixel (toy.pixel_judge_edit).
+Departures from the paper / release (and those of rl_gen.py: weight values swapped in, failed rewards dropped):
+  1. Our own prompt encoding: it passes mm_token_type_ids to Qwen2.5-VL (diffusers drops it, so the image tokens get
+     1-D instead of 3-D M-RoPE positions) and measures the template prefix to drop (diffusers hard-codes 64).
+  2. Our own sampler (rl_gen.ode_sample) at --resolution (512 px, the paper's), not the pipeline's ~1 MP; edits are
+     resized back to the source's size for the critic.
+  3. Defaults follow the release's editing configs where the paper is silent or differs: lr 1.5e-3, 24 prompts x 12
+     edits per step, 15 evaluation steps, gradient checkpointing; 150 steps as the paper. The LoRA is trained and saved
+     guidance-free: sample it with true_cfg_scale=1.0.
+  4. Without a VAE (the miniature world's tiny editor) the "latents" are the pixels rearranged space-to-depth
+     (lossless; encode_latents / decode_latents are the one place that knows).
 """
 
 import argparse
 import json
 import math
-import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -72,15 +52,55 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (DataError, MetricsLog, cleanup_dist, clone_weights, every, fill_from_rank0, find_checkpoint,
-                    fsdp_shard, full_state_of, full_weights, image_grid, keep_rows_through, load_checkpoint, load_image,
-                    load_on_rank0, pil_to_tensor, plot_curves, print0, read_manifest, run_stage, save_checkpoint,
-                    save_diffusers_model, save_lora_files, seed_everything, setup_dist, tensor_to_pil, use_weights,
-                    write_json)
-from rl_gen import group_advantages, nft_step, noise_levels, ode_sample, optimality_probability, rectified_flow_interp
+from common import (DataError, MetricsLog, add_rl_args, held_out_summary, all_gather_values, cleanup_dist, clone_weights, evaluate_rl, every,
+                    fill_from_rank0, fsdp_shard, full_state_of, full_weights, load_image, load_on_rank0, noise_like,
+                    peak_memory_over_ranks, pil_to_tensor, print0, rank_batches, read_jsonl_resumable, read_manifest,
+                    reward_stats, run_stage, sample_seed, save_checkpoint, save_diffusers_model, save_lora_files,
+                    seed_everything, setup_dist, start_rl_run, step_prompts, tensor_to_pil, use_weights, write_json,
+                    write_rl_pictures)
+from rl_gen import nft_step, noise_levels, ode_sample, optimality_targets, training_points
 
 # -----------------------------------------------------------------------------
-# the editor: loading, latents, prompt encoding, velocity, sampling
+# CLI: the defaults are the release's editing settings; a preset swaps in a small setting (explicit flags win)
+
+PRESETS = {
+    # The miniature world on one CPU core: the tiny editor (python -m toy pretrain-edit) and the tiny edit critic;
+    # 4 prompts x 8 edits per step, 2 of the 6 noise levels trained per edit, LoRA r16 at lr 1e-3, 30 steps.
+    "mini": dict(model="runs/mini/models/edit-base", prompts="runs/mini/data/rl/edit_train.jsonl",
+                 test_prompts="runs/mini/data/rl/edit_test.jsonl", reward_model="runs/mini/models/edit-critic",
+                 eval_judge="toy.judges:pixel", out="runs/mini/rl_edit_cme", steps=30, prompts_per_step=4, group_size=8,
+                 micro_batch=32, timestep_fraction=0.34, lora_rank=16, lora_alpha=32, lr=1e-3, eval_every=10,
+                 save_every=10, eval_steps=6, gradient_checkpointing=False, eval_prompts=32, grid_prompts=8,
+                 reward_max_new_tokens=192, reward_batch=32, threads=1),
+}
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named small setting (flags given explicitly win)")
+    # model and data
+    ap.add_argument("--model", default=None, help="Qwen-Image-Edit-2509 diffusers directory")
+    ap.add_argument("--prompts", default=None, help="JSONL {id, prompt, image[, requirement]} of RL training edits")
+    ap.add_argument("--test-prompts", default=None, help="JSONL of held-out edits for evaluation (optional)")
+    ap.add_argument("--out", default="runs/rl_edit", help="output directory")
+    ap.add_argument("--resolution", type=int, default=None, help="working resolution, px per side of a square "
+                    "(default 512, or the tiny editor's own)")
+    # release (editing/config): 6 rollout / 15 evaluation steps, 24 groups of 12, lr 1.5e-3, 150 steps (paper)
+    add_rl_args(ap, reward="cme", fusions=("cme", "sum55", "sum64"), rollout_steps=6, eval_steps=15, prompts_per_step=24,
+                group_size=12, steps=150, lr=1.5e-3, eval_every=25, save_every=25)
+    ap.set_defaults(gradient_checkpointing=True)  # release: on; a 20B editor needs it on 80 GB
+    pre, _ = ap.parse_known_args(argv)
+    if pre.preset:
+        ap.set_defaults(**PRESETS[pre.preset])
+    args = ap.parse_args(argv)
+    for flag in ("model", "prompts", "reward_model"):
+        if not getattr(args, flag):
+            ap.error(f"--{flag.replace('_', '-')} is required (or --preset mini)")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the model adapter: the editor (loading, latents, prompt encoding, velocity, sampling), LoRA, FSDP2, saving
 
 # Qwen-Image-Edit-2509's chat template (as its diffusers pipeline writes it; the checkpoint was trained
 # with exactly these tokens, so they are kept verbatim). The system turn is dropped from the output.
@@ -292,9 +312,6 @@ def prepare_sources(editor, images):
     return x, pack(z), z.shape[-2:]
 
 
-def initial_noise(seeds, shape, device):
-    """Per-sample noise from per-sample seeds (global indices), identical on any number of ranks."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
 @torch.no_grad()
@@ -302,7 +319,7 @@ def rollout(editor, sources, instructions, seeds, steps):
     """Edit a batch (one shared working size): returns dict of packed x0, source tokens, text, noise levels, grid."""
     _, src, (h, w) = prepare_sources(editor, sources)
     embeds, mask = encode_prompt(editor, instructions, sources)
-    x_T = initial_noise(seeds, (src.shape[1], src.shape[2]), editor.device)
+    x_T = noise_like((src.shape[1], src.shape[2]), seeds, editor.device)  # (B, N, 4C) packed tokens
     ts = editor_noise_levels(editor, steps, src.shape[1])
     grid = (h // 2, w // 2)
     vfn = lambda x, t: predict_velocity(editor.transformer, x, src, t, embeds, mask, grid).float()
@@ -333,95 +350,7 @@ def edit(editor, images, instructions, seeds, steps=6, batch_size=16):
     return out
 
 
-# -----------------------------------------------------------------------------
-# data: prompt records, checked up front (a bad record stops the run at once, named by file, record and field)
 
-
-def load_prompt_records(path):
-    """{"id", "prompt", "image", "requirement"?, "toy"?} records, all checked first (common.read_manifest): fields, types,
-    unique ids, every source image present and decodable. Images are loaded lazily (Sources)."""
-    rows = read_manifest(path, {"id": "id", "prompt": "text", "image": "image", "requirement": "str?", "toy": "dict?"},
-                         images="decode")
-    for r in rows:
-        r["image_path"] = Path(path).parent / r["image"]
-    return rows
-
-
-class Sources:
-    """Source images by record index, loaded once (load_image raises DataError naming an unreadable file)."""
-
-    def __init__(self, records):
-        self.records, self.cache = records, {}
-
-    def __getitem__(self, i):
-        if i not in self.cache:
-            self.cache[i] = load_image(self.records[i]["image_path"])
-        return self.cache[i]
-
-
-# -----------------------------------------------------------------------------
-# rewards: the edit critic's two scores fused (reward.py), or the pixel judge of the miniature world
-
-
-def pixel_judgements(records, edited):
-    """toy.pixel_judge_edit of each edit (edited region vs the target, the rest vs the source), or None off the world."""
-    if not records or any("toy" not in r for r in records):
-        return None
-    import toy
-    S = toy.Scene.from_dict
-    return [toy.pixel_judge_edit(e, S(r["toy"]["scene"]), S(r["toy"]["target_scene"])) for r, e in zip(records, edited)]
-
-
-def pixel_judge(records, edited):
-    """Means of the pixel judge's edited / kept / overall over the edits, or None off the miniature world."""
-    js = pixel_judgements(records, edited)
-    return {k: float(np.mean([j[k] for j in js])) for k in js[0]} if js else None
-
-
-class Rewarder:
-    """score(records, sources, edited) -> (rewards: list[float | None], parse failures). Never raises on a
-    critic answer that does not parse: that sample's reward is None (dropped from its group) and counted.
-
-    --reward cme | sum55 | sum64: the critic's execution and consistency, fused (reward.py).
-    --reward pixel: the miniature world's exact judge (edited x kept), a control with a perfect reward.
-    --reward pixel-cme | pixel-sum55 | pixel-sum64: the same fusions of a critic with perfect perception,
-      execution = the pixel judge's `edited`, consistency = its `kept`: the fusion ablation without the
-      critic's own errors (these make the pixel judge part of the reward: it is no longer independent).
-    """
-
-    def __init__(self, args, device):
-        self.fusion, self.method = args.reward, args.reward_method
-        if args.reward.startswith("pixel"):
-            self.scorer = None
-        else:
-            from reward import open_critic
-            self.scorer = open_critic(args.reward_model, device=device, max_new_tokens=args.reward_max_new_tokens,
-                                      batch_size=args.reward_batch)
-
-    def score(self, records, sources, edited):
-        if not records:
-            return [], 0
-        if self.fusion.startswith("pixel"):
-            from reward import fuse
-            js = pixel_judgements(records, edited)
-            if js is None:
-                raise DataError(f"--reward {self.fusion} needs the miniature world's records (field 'toy')")
-            if self.fusion == "pixel":
-                return [j["overall"] for j in js], 0
-            # fractions in [0, 1] as the 1-5 scores that normalise to them
-            return [fuse(self.fusion[6:], {"execution": 1 + 4 * j["edited"], "consistency": 1 + 4 * j["kept"]}) for j in js], 0
-        from reward import edit_rewards, failure_note
-        items = [{"source": s, "edited": e, "instruction": r["prompt"], "requirement": r.get("requirement")}
-                 for r, s, e in zip(records, sources, edited)]
-        rewards, stats = edit_rewards(self.scorer, items, fusion=self.fusion, on_failure="drop", method=self.method)
-        if note := failure_note(stats):  # a dead critic server, answers cut by the limit, or answers with no score
-            print0(f"rank 0: {note}")
-        return rewards, stats["failed"]
-
-
-# -----------------------------------------------------------------------------
-# model: LoRA adapters, FSDP2 (the old policy / reference / EMA are parameter values that common.use_weights
-# swaps in; checkpoints are common.save_checkpoint / load_checkpoint: the plumbing lives once, there)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # attention
 
@@ -448,43 +377,6 @@ def shard(editor, world):
         fill_from_rank0(m, sd, dev)
 
 
-# -----------------------------------------------------------------------------
-# batching over ranks
-
-
-def plan_batches(keys, rank, world, micro_batch):
-    """Micro-batches of global sample indices for this rank: samples g with g % world == rank, grouped by
-    `keys[g]` (the working size: one batch, one shape), chunked. Padded with dummy batches (flag False)
-    to the largest count over ranks, because every FSDP forward is collective: all ranks run as many."""
-    plans = []
-    for r in range(world):
-        groups = {}
-        for g in range(r, len(keys), world):
-            groups.setdefault(keys[g], []).append(g)
-        plans.append([grp[i:i + micro_batch] for grp in groups.values() for i in range(0, len(grp), micro_batch)])
-    n = max(len(p) for p in plans)
-    mine = plans[rank]
-    filler = mine[0] if mine else [0]
-    return [(b, True) for b in mine] + [(filler, False)] * (n - len(mine))
-
-
-def edit_all_ranks(editor, sources, instructions, seeds, steps, micro_batch, rank, world):
-    """Edits of every sample, computed spread over the ranks, returned on every rank (PIL, sources' sizes)."""
-    keys = [working_size(*im.size, editor.resolution, editor.multiple) for im in sources]
-    mine = {}
-    for b, real in plan_batches(keys, rank, world, micro_batch):
-        r = rollout(editor, [sources[g] for g in b], [instructions[g] for g in b], [seeds[g] for g in b], steps)
-        if real:
-            for g, im in zip(b, to_images(editor, r["x0"], r["hw"], [sources[g].size for g in b])):
-                mine[g] = np.asarray(im)
-    parts = [None] * world
-    dist.all_gather_object(parts, mine)
-    merged = {g: a for p in parts for g, a in p.items()}
-    return [Image.fromarray(merged[g]) for g in range(len(sources))]
-
-
-# -----------------------------------------------------------------------------
-# save: the EMA weights in the formats diffusers loads
 
 
 def save_lora(out_dir, model, params, values, lora_cfg, rank, sidecar):
@@ -508,291 +400,162 @@ def save_transformer(out_dir, editor, params, values, rank, sidecar):
         write_json(Path(out_dir) / "rl_edit.json", sidecar)
 
 
+
 # -----------------------------------------------------------------------------
-# CLI. A preset sets defaults; any flag given explicitly still wins.
-
-PRESETS = {
-    # The miniature world on one CPU core: the tiny editor (toy.py pretrain-edit), the tiny edit critic
-    # (train_reward.py), few prompts and samples, a few minutes per run.
-    "mini": dict(model="runs/mini/models/edit-base", prompts="runs/mini/data/rl/edit_train.jsonl",
-                 test_prompts="runs/mini/data/rl/edit_test.jsonl", reward_model="runs/mini/models/edit-critic",
-                 out_root="runs/mini", steps=30, prompts_per_step=4, group_size=8, micro_batch=32,
-                 timestep_fraction=0.34, lora_rank=16, lora_alpha=32, lr=1e-3, eval_every=10, save_every=10, eval_steps=6,
-                 gradient_checkpointing=False,
-                 eval_prompts=32, reward_max_new_tokens=192, reward_batch=32, threads=1),
-}
+# data and reward
 
 
-def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="DiffusionNFT for an image editor with the FIRM edit critic",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named defaults for a CPU run (see PRESETS)")
-    # model and data
-    ap.add_argument("--model", default=None, help="Qwen-Image-Edit(-2509) diffusers directory (or the tiny editor)")
-    ap.add_argument("--prompts", default=None, help="training prompt records (JSONL: id, prompt, image, requirement)")
-    ap.add_argument("--test-prompts", default=None, help="held-out prompt records for evaluation (default: the first training ones)")
-    ap.add_argument("--out", default=None, help="output directory (default with --preset: <out-root>/rl_edit_<reward>)")
-    ap.add_argument("--out-root", default=None, help="preset only: parent of the output directory")
-    ap.add_argument("--resolution", type=int, default=None, help="working resolution, px per side of a square (default 512; the tiny editor's own)")
-    # reward
-    ap.add_argument("--reward", choices=["cme", "sum55", "sum64", "pixel", "pixel-cme", "pixel-sum55", "pixel-sum64"],
-                    default="cme", help="fusion of the critic's execution E and consistency C: cme = E(0.6 + 0.4C) "
-                    "(paper); sum55 / sum64 = 0.5E + 0.5C / 0.6E + 0.4C (Table 5 baselines). Miniature world only: "
-                    "pixel = the exact pixel judge; pixel-* = the fusions with E, C from the pixel judge (see Rewarder)")
-    ap.add_argument("--reward-model", default=None, help="the edit critic: a model directory, loaded on every rank "
-                    "(FIRM-Edit-8B, or the tiny critic), or an OpenAI-compatible endpoint http://host:port/v1[#served "
-                    "name] (reward.open_critic; its key from $FIRM_CRITIC_API_KEY)")
-    ap.add_argument("--reward-method", choices=["generate", "expected"], default="generate",
-                    help="critic scoring: greedy answer then parse (paper), or expected score from digit probabilities")
-    ap.add_argument("--reward-batch", type=int, default=16, help="items per critic forward")
-    ap.add_argument("--reward-max-new-tokens", type=int, default=None, help="critic answer length limit, tokens (default: reward.py's "
-                    "per-mode limit, the release's 256 for the edit critic)")
-    # rollout
-    ap.add_argument("--rollout-steps", type=int, default=6, help="ODE steps per edit (release: sample.num_steps 6)")
-    ap.add_argument("--eval-steps", type=int, default=15, help="ODE steps per evaluation edit (release: sample.eval_num_steps 15)")
-    ap.add_argument("--prompts-per-step", type=int, default=24, help="prompts per RL step, all ranks together (release: 24 "
-                    "groups; the paper says 16)")
-    ap.add_argument("--group-size", type=int, default=12, help="edits per prompt (K; release: num_image_per_prompt 12, the "
-                    "paper says 16); need not divide the rank count")
-    ap.add_argument("--micro-batch", type=int, default=8, help="samples per forward on one rank")
-    # DiffusionNFT
-    ap.add_argument("--nft-beta", type=float, default=1.0, help="NFT mixing coefficient beta of v+ / v- (release: config.beta; "
-                    "not the KL weight)")
-    ap.add_argument("--kl-weight", type=float, default=1e-4, help="weight of mse(v, v_ref) to the frozen base model (release: "
-                    "train.beta)")
-    ap.add_argument("--timestep-fraction", type=float, default=0.99, help="trained timesteps per sample = int(fraction x "
-                    "rollout steps), >= 1 (release: 0.99)")
-    ap.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this; also the loss scale (release: 5)")
-    # optimisation
-    ap.add_argument("--steps", type=int, default=150, help="RL steps, one optimizer step each (paper: 150)")
-    ap.add_argument("--lr", type=float, default=1.5e-3, help="AdamW learning rate (release: editing/config/base.py 1.5e-3)")
-    ap.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (release: 1e-4)")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (release: 1.0)")
-    ap.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on the attention projections (release: 32)")
-    ap.add_argument("--lora-alpha", type=float, default=64, help="LoRA alpha, scale alpha / rank (release: 64)")
-    ap.add_argument("--full-finetune", action="store_true", help="train every transformer weight instead of LoRA adapters")
-    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                    help="recompute each transformer block in backward (release: on; a 20B editor needs it on 80 GB)")
-    # evaluation, logging, checkpoints
-    ap.add_argument("--eval-every", type=int, default=25, help="steps between evaluations on the test prompts with the EMA "
-                    "weights, also before the first and after the last (0 = never; no grid)")
-    ap.add_argument("--eval-prompts", type=int, default=64, help="test prompts evaluated (one edit each, fixed seeds)")
-    ap.add_argument("--grid-prompts", type=int, default=8, help="test prompts in the edit grids")
-    ap.add_argument("--save-every", type=int, default=25, help="steps between checkpoints (--out/checkpoint; release: 50), "
-                    "and after the last step (0 = after the last only)")
-    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint if it exists")
-    ap.add_argument("--stop-after", type=int, default=None, help="testing: exit after this many steps as if killed (no final save)")
-    ap.add_argument("--seed", type=int, default=0, help="prompt order, noise and timesteps")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank")
-    pre, _ = ap.parse_known_args(argv)
-    if pre.preset:
-        ap.set_defaults(**PRESETS[pre.preset])
-    args = ap.parse_args(argv)
-    if args.out is None and args.out_root:
-        args.out = f"{args.out_root}/rl_edit_{args.reward}"
-    for flag in ("model", "prompts", "out"):
-        if not getattr(args, flag):
-            ap.error(f"--{flag} is required (or use --preset mini)")
-    if not args.reward.startswith("pixel") and not args.reward_model:
-        ap.error("--reward-model is required (or --reward pixel on the miniature world)")
-    return args
+def load_prompts(path):
+    """{"id", "prompt", "image", "requirement"?, ...} records, all checked first (common.read_manifest): fields, types,
+    unique ids, every source image present and decodable. Other fields travel with the record (a judge may read them)."""
+    rows = read_manifest(path, {"id": "id", "prompt": "text", "image": "image", "requirement": "str?"}, images="decode")
+    for r in rows:
+        r["image_path"] = Path(path).parent / r["image"]
+    return rows
+
+
+class Sources:
+    """Source images by record index, loaded once (load_image raises DataError naming an unreadable file)."""
+
+    def __init__(self, records):
+        self.records, self.cache = records, {}
+
+    def __getitem__(self, i):
+        if i not in self.cache:
+            self.cache[i] = load_image(self.records[i]["image_path"])
+        return self.cache[i]
+
+
+def score(critic, fusion, recs, sources, edited, method="generate"):
+    """Step 2: the critic's execution and consistency of each edit fused into a reward in [0, 1]; None where an answer
+    gave no score (that edit is dropped from its group)."""
+    from reward import edit_rewards, failure_note
+    items = [{"source": s, "edited": e, "instruction": r["prompt"], "requirement": r.get("requirement"), "record": r}
+             for r, s, e in zip(recs, sources, edited)]
+    rewards, stats = edit_rewards(critic, items, fusion=fusion, method=method)
+    if note := failure_note(stats):  # a dead critic server, answers cut by the limit, answers without a score
+        print(f"[reward] {note}", flush=True)
+    return rewards
 
 
 # -----------------------------------------------------------------------------
 # the loop
 
 
-def sample_seed(seed, step, g):
-    """A per-sample seed from the run seed, the step and the sample's global index (not the rank)."""
-    return (seed * 1_000_003 + step) * 100_003 + g
-
-
 def main(args):
+    # Setup: one code path for python and torchrun (a world of one without it)
     rank, world, device = setup_dist()
     if args.threads:
         torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    seed_everything(args.seed)  # the LoRA initialisation
     out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    records = load_prompt_records(args.prompts)
-    test = load_prompt_records(args.test_prompts) if args.test_prompts else records
-    if args.reward.startswith("pixel") and any("toy" not in r for r in records):
-        raise DataError(f"{args.prompts}: --reward {args.reward} needs the miniature world's records (field 'toy')")
-    rewarder = Rewarder(args, device)  # before the editor: a wrong critic path or URL fails in seconds
-    # LoRA: frozen base in the compute dtype, fp32 adapters; full fine-tuning: fp32 master weights
+    train = load_prompts(args.prompts)
+    test = load_prompts(args.test_prompts)[:args.eval_prompts] if args.test_prompts and args.eval_every else []
+    from reward import open_critic  # the critics before the policy: a wrong path or URL fails in seconds
+    critic = open_critic(args.reward_model, device=device, max_new_tokens=args.reward_max_new_tokens, batch_size=args.reward_batch)
+    judge = open_critic(args.eval_judge, device=device, batch_size=args.reward_batch) if args.eval_judge and test else None
+
+    # The policy: LoRA (or every weight) in fp32 over the frozen base, FSDP2, the optimizer after sharding; the frozen
+    # base (LoRA: B = 0), the old (rollout) policy and the EMA are values of the trained parameters
     editor = load_editor(args.model, device=device, resolution=args.resolution, place=False, rank=rank,
                          transformer_dtype=torch.float32 if args.full_finetune else None)
-    test = test[:args.eval_prompts]
-    sources, test_sources = Sources(records), [load_image(r["image_path"]) for r in test]
-    tr = editor.transformer
-    tr.requires_grad_(args.full_finetune)
-    lora_cfg = None if args.full_finetune else add_lora(tr, args.lora_rank, args.lora_alpha)
+    model = editor.transformer
+    model.requires_grad_(args.full_finetune)
+    lora_cfg = None if args.full_finetune else add_lora(model, args.lora_rank, args.lora_alpha)
     if args.gradient_checkpointing:
-        tr.enable_gradient_checkpointing()
-    for p in tr.parameters():
+        model.enable_gradient_checkpointing()
+    for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trained weights and their AdamW state in fp32
     shard(editor, world)
-    params = [p for p in tr.parameters() if p.requires_grad]
-    # Parameter values the loop swaps in: the frozen reference (LoRA: B = 0, i.e. the base model), the old
-    # (rollout) policy and the EMA that gets saved. All are sharded like the parameters themselves.
-    ref, old, ema = clone_weights(params), clone_weights(params), clone_weights(params)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = clone_weights(params) if args.kl_weight > 0 else None
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    start = 0
-    ckpt = find_checkpoint(out, rank) if args.resume else None
-    if ckpt is not None:
-        # strict=False: adapters that never get a gradient (the last block's text-stream output is unused) have no AdamW state
-        start, old, ema = load_checkpoint(ckpt, tr, params, opt, strict=False)
-        print0(f"resumed from {ckpt} after step {start}")
-        if rank == 0:  # forget what the killed run logged after its checkpoint
-            keep_rows_through(out / "metrics.jsonl", start)
+    # strict=False: adapters that never get a gradient (the last block's text-stream output is unused) have no AdamW state
+    start, old, ema = start_rl_run(out, model, params, opt, clone_weights(params), clone_weights(params), args.resume, rank, strict=False)
+
     P, K = args.prompts_per_step, args.group_size
-    N, T = P * K, max(1, int(args.timestep_fraction * args.rollout_steps))
-    n_train = sum(p.numel() for p in params)  # a sharded DTensor reports its full size
-    print0(f"{world} rank(s) | {N} edits per step ({P} prompts x {K}), about {math.ceil(N / world)} per rank | "
-           f"{args.rollout_steps} rollout steps, {T} trained timesteps per edit | reward {args.reward} | "
-           f"{'full fine-tuning' if args.full_finetune else f'LoRA r{args.lora_rank} alpha {args.lora_alpha:g}'}: "
-           f"{n_train / 1e6:.3f} M trainable parameters | {editor.resolution} px | {len(records)} prompts, {len(test)} test")
-    if rank == 0:
-        write_json(out / "rl_edit_args.json", vars(args))
-    log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
-    test_seeds = [sample_seed(args.seed + 1, 10**6, g) for g in range(len(test))]
+    N, T = P * K, max(1, int(args.timestep_fraction * args.rollout_steps))  # edits per step; trained levels per edit
+    sources, test_sources = Sources(train), [load_image(r["image_path"]) for r in test]
+    size_of = lambda im: working_size(*im.size, editor.resolution, editor.multiple)  # one batch, one working size
+    print0(f"{world} rank(s) | {'full fine-tuning' if args.full_finetune else f'LoRA r{args.lora_rank} alpha {args.lora_alpha:g}'}: "
+           f"{sum(p.numel() for p in params) / 1e6:.3f} M trained parameters | {editor.resolution} px working resolution")
+    print0(f"per step: {P} prompts x {K} edits = {N} rollouts, ~{math.ceil(N / world)} per rank | {args.rollout_steps} "
+           f"sampler steps, {T} trained noise levels per edit | reward {args.reward} | {len(train)} prompts, {len(test)} held out")
+    log, elog = MetricsLog(out / "metrics.jsonl", rank == 0), MetricsLog(out / "eval.jsonl", rank == 0)
 
-    def evaluate(values):
-        """Edit the test prompts with the given weights (fixed seeds); critic reward + pixel judge on rank 0."""
-        with use_weights(tr, params, values):
-            imgs = edit_all_ranks(editor, test_sources, [r["prompt"] for r in test], test_seeds, args.eval_steps,
-                                  args.micro_batch, rank, world)
-        m = {}
-        if rank == 0:
-            rw, fails = rewarder.score(test, test_sources, imgs)
-            ok = [x for x in rw if x is not None]
-            m = {"eval_reward": float(np.mean(ok)) if ok else None, "eval_parse_failures": fails,
-                 "eval_change": float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(s, np.float32)).mean() / 255
-                                               for a, s in zip(imgs, test_sources)]))}
-            pj = pixel_judge(test, imgs)
-            if pj:
-                m.update({"eval_edited": pj["edited"], "eval_kept": pj["kept"], "eval_pixel": pj["overall"]})
-        return imgs, m
+    def evaluate(step):  # the EMA weights (what gets saved), one edit per held-out prompt, the same seeds every time
+        def draw(idx):
+            r = rollout(editor, [test_sources[i] for i in idx], [test[i]["prompt"] for i in idx],
+                        [sample_seed(args.seed, "eval", i) for i in idx], args.eval_steps)
+            return to_images(editor, r["x0"], r["hw"], [test_sources[i].size for i in idx])
+        recs = lambda idx: ([test[i] for i in idx], [test_sources[i] for i in idx])
+        scorers = {"reward": lambda idx, ims: score(critic, args.reward, *recs(idx), ims, args.reward_method)}
+        if judge is not None:
+            scorers["judge"] = lambda idx, ims: score(judge, "cme", *recs(idx), ims)
+        with use_weights(model, params, ema):
+            elog.log(step, **evaluate_rl(draw, scorers, [size_of(s) for s in test_sources], step, out, args.grid_prompts,
+                                         args.micro_batch, rank, world, device))
 
-    before = after = m_after = None
-    if start == 0 and args.eval_every:
-        before, m = evaluate(ema)  # the EMA is the base model here
-        log.log(0, **m)
+    if start == 0 and test:
+        evaluate(0)
     for step in range(start, args.steps):
         t0 = time.time()
-        # 1. this step's prompts and per-sample seeds: functions of (seed, step, global index), never of the rank
-        rng = random.Random(f"{args.seed}:{step}")
-        chosen = rng.sample(range(len(records)), P) if P <= len(records) else [rng.randrange(len(records)) for _ in range(P)]
-        prompt_of = [chosen[g // K] for g in range(N)]
-        seeds = [sample_seed(args.seed, step, g) for g in range(N)]
-        keys = [working_size(*sources[p].size, editor.resolution, editor.multiple) for p in prompt_of]
-        plan = plan_batches(keys, rank, world, args.micro_batch)
-
-        # 2. rollout with the old policy (no grad): K edits of each prompt, x0 kept for training
+        # 1. rollout: K edits of each of the step's P prompts with the old policy (deterministic ODE, no CFG)
+        prompt_of = [p for p in step_prompts(len(train), P, step, args.seed) for _ in range(K)]  # (N,) edit j -> prompt
+        seeds = [sample_seed(args.seed, step, j) for j in range(N)]  # of the global index, never of the rank
         batches = []
-        with use_weights(tr, params, old):
-            for b, real in plan:
-                r = rollout(editor, [sources[prompt_of[g]] for g in b], [records[prompt_of[g]]["prompt"] for g in b],
-                            [seeds[g] for g in b], args.rollout_steps)
-                batches.append(dict(r, idx=b, real=real))
-        t_roll = time.time() - t0
-
-        # 3. rewards: each rank scores its own edits, then all ranks see all rewards (None = critic parse failure)
-        mine, imgs = [], []
-        for r in batches:
-            if r["real"]:
-                mine += r["idx"]
-                imgs += to_images(editor, r["x0"], r["hw"], [sources[prompt_of[g]].size for g in r["idx"]])
-        recs = [records[prompt_of[g]] for g in mine]
-        rw, fails = rewarder.score(recs, [sources[prompt_of[g]] for g in mine], imgs)
-        buf = torch.zeros(N, 2, dtype=torch.float64)  # (reward, present) per global sample index
-        for g, x in zip(mine, rw):
-            if x is not None:
-                buf[g] = torch.tensor([x, 1.0])
-        pj = pixel_judge(recs, imgs)
-        extra = torch.tensor([fails, len(mine), (pj or {}).get("overall", 0.0) * len(mine)], dtype=torch.float64)
-        buf, extra = buf.to(device), extra.to(device)  # NCCL reduces GPU tensors only
-        dist.all_reduce(buf)  # sync point: every rank needs every reward for the group advantages
-        dist.all_reduce(extra)
-        buf, extra = buf.cpu(), extra.cpu()
-        rewards = [buf[g, 0].item() if buf[g, 1] > 0 else None for g in range(N)]
-        adv = group_advantages(rewards, [g // K for g in range(N)], clip=args.adv_clip)
-        valid = ~torch.isnan(adv)
-        n_valid = int(valid.sum())
-        t_reward = time.time() - t0 - t_roll
-
-        # 4-5. DiffusionNFT update on T of the rollout's own noise levels per edit, fresh noise each, then the soft
-        #      updates of the old policy and the EMA (rl_gen.nft_step: the same update as rl_gen's). A sample whose
-        #      reward failed to parse, or a dummy batch, has weight 0 but still runs: every FSDP forward is collective.
-        r_all = optimality_probability(adv.nan_to_num(0.0), clip=args.adv_clip).float()
+        with use_weights(model, params, old):
+            for idx, real in rank_batches([size_of(sources[p]) for p in prompt_of], rank, world, args.micro_batch):
+                batches.append((idx, real, rollout(editor, [sources[prompt_of[j]] for j in idx],
+                                                   [train[prompt_of[j]]["prompt"] for j in idx], [seeds[j] for j in idx],
+                                                   args.rollout_steps)))
+        # 2. reward: each rank scores its own edits, then every rank has every reward
+        t1 = time.time()
+        mine = [j for idx, real, _ in batches if real for j in idx]
+        edited = [im for idx, real, b in batches if real
+                  for im in to_images(editor, b["x0"], b["hw"], [sources[prompt_of[j]].size for j in idx])]
+        local = score(critic, args.reward, [train[prompt_of[j]] for j in mine], [sources[prompt_of[j]] for j in mine],
+                      edited, args.reward_method)
+        rewards = all_gather_values(local, mine, N, device)
+        # 3. advantages (group mean, global std) -> optimality probability r; a failed reward trains nothing
+        t2 = time.time()
+        r, valid = optimality_targets(rewards, prompt_of)  # (N,), (N,)
+        # 4-5. the NFT update at T of the rollout's own noise levels per edit, then the soft updates
         micro = []
-        for r in batches:
-            b, x0 = r["idx"], r["x0"]
-            w = torch.tensor([float(valid[g]) if r["real"] else 0.0 for g in b], device=device)
-            levels = r["ts"][:-1]  # the rollout's noise levels, without the final 0
-            gens = [torch.Generator().manual_seed(seeds[g] + 1) for g in b]
-            picks = [torch.randperm(len(levels), generator=gn)[:T] for gn in gens]
-            ts = torch.stack([torch.stack([levels[p[j]] for j in range(T)]) for p in picks]).float().to(device)  # (B, T)
-            eps = torch.stack([torch.stack([torch.randn(x0.shape[1:], generator=gn) for gn in gens]) for _ in range(T)], 1)
-            x_t = rectified_flow_interp(x0[:, None], eps.to(device), ts[..., None, None])  # (B, T, N, 4C) packed tokens
-            vfn = lambda x, t, r=r: predict_velocity(tr, x, r["source"], t, r["embeds"], r["mask"], r["grid"]).float()
-            micro.append((vfn, x_t, ts, x0, r_all[b].to(device), w))
-        stats = nft_step(tr, params, opt, old, ema, ref, micro, n_valid, step, args, world)
-        if stats is None:
-            print0(f"step {step + 1}: no critic answer parsed in the whole batch; skipping the update")
-            stats = torch.zeros(4, dtype=torch.float64, device=device)
-        sums = stats.clone()
-        sums[3] = 0
-        dist.all_reduce(sums)  # sync point: loss sums of every rank's samples, for the log
+        for idx, real, b in batches:
+            ts, x_t = training_points(b["x0"], b["ts"][:-1], [seeds[j] for j in idx], T)  # (B, T), (B, T, N, 4C)
+            vfn = lambda x, t, b=b: predict_velocity(model, x, b["source"], t, b["embeds"], b["mask"], b["grid"]).float()
+            micro.append((vfn, x_t, ts, b["x0"], r[idx].to(device), (valid[idx] & real).float().to(device)))
+        nft = nft_step(model, params, opt, old, ema, ref, micro, valid, step, args, world)
+        mem_min, mem_max = peak_memory_over_ranks(device)
+        log.log(step + 1, **reward_stats(rewards), **nft, t_rollout=round(t1 - t0, 3), t_reward=round(t2 - t1, 3),
+                t_train=round(time.time() - t2, 3), mem_gb_min=mem_min, mem_gb_max=mem_max)
 
-        ok = [x for x in rewards if x is not None]
-        m = {"reward": float(np.mean(ok)) if ok else None, "reward_std": float(np.std(ok)) if ok else None,
-             "parse_failures": int(extra[0]), "loss": sums[0].item() / max(1, n_valid * T),
-             "nft": sums[1].item() / max(1, n_valid * T), "kl": sums[2].item() / max(1, n_valid * T),
-             "grad_norm": float(stats[3])}
-        if pj is not None:
-            m["train_pixel"] = extra[2].item() / max(1.0, extra[1].item())
-        m.update({"t_rollout": round(t_roll, 2), "t_reward": round(t_reward, 2), "t_step": round(time.time() - t0, 2)})
         done = step + 1
-        if args.eval_every and (every(done, args.eval_every) or done == args.steps):
-            after, m_after = evaluate(ema)
-            m.update(m_after)
-        log.log(done, **m)
+        if test and (every(done, args.eval_every) or done == args.steps):
+            evaluate(done)
         if every(done, args.save_every) or done == args.steps:  # the last step too: --resume after the end is a no-op
-            save_checkpoint(out, tr, params, opt, old, ema, done, rank)
+            save_checkpoint(out, model, params, opt, old, ema, done, rank)
+            if rank == 0:
+                write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_edit --reward {args.reward}", test_sources)
         if args.stop_after is not None and done >= start + args.stop_after:
             print0(f"stopping after {args.stop_after} steps (--stop-after), as if killed")
-            cleanup_dist()
-            return
+            return cleanup_dist()
 
-    # save the EMA weights, the grids (source | before RL | after RL) and the summary
-    sidecar = {"base_model": str(args.model), "steps": args.steps, "reward": args.reward, "weights": "EMA", "args": vars(args)}
+    # Save: the EMA weights, in the formats diffusers loads
+    evals = read_jsonl_resumable(out / "eval.jsonl") if rank == 0 else []
+    sidecar = {"base_model": str(args.model), "step": args.steps, "weights": "EMA", "args": vars(args),
+               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None}
     if args.full_finetune:
         save_transformer(out / "transformer", editor, params, ema, rank, sidecar)
     else:
-        save_lora(out, tr, params, ema, lora_cfg, rank, sidecar)
-    if args.eval_every:  # 0 = never evaluate: no grid, no before / after summary
-        if before is None:  # resumed: the base model's edits again (same seeds)
-            before, _ = evaluate(ref)
-        if after is None:
-            after, m_after = evaluate(ema)
+        save_lora(out, model, params, ema, lora_cfg, rank, sidecar)
     if rank == 0:
-        if before is not None:
-            rows = [[s, b, a] for s, b, a in zip(test_sources, before, after)][:args.grid_prompts]
-            image_grid(rows).save(out / "samples_grid.png")
-        rows_metrics = [json.loads(l) for l in open(out / "metrics.jsonl")]
-        series = {k: [(r["step"], r[k]) for r in rows_metrics if r.get(k) is not None]
-                  for k in ("reward", "eval_reward", "eval_pixel", "eval_edited", "eval_kept")}
-        plot_curves(out / "reward_curve.png", {k: v for k, v in series.items() if v}, title=f"rl_edit --reward {args.reward}")
-        first = next((r for r in rows_metrics if r["step"] == 0), {})
-        summary = {"reward": args.reward, "steps": args.steps, "before": {k: v for k, v in first.items() if k.startswith("eval_")},
-                   "after": m_after, "noop": pixel_judge(test, test_sources), "args": vars(args)}
-        write_json(out / "rl_edit.json", summary)
-        print0(f"wrote {out}: {'transformer/' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, samples_grid.png (source | before | after), "
-               f"reward_curve.png, metrics.jsonl, rl_edit.json")
-        print0("before: " + json.dumps(summary["before"]) + "\nafter:  " + json.dumps(m_after))
+        write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_edit --reward {args.reward}", test_sources)
+        print0(held_out_summary(evals))
+        print0(f"wrote {out}: {'transformer/' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, metrics.jsonl, "
+               "eval.jsonl, reward_curve.png, samples_grid.png")
     cleanup_dist()
 
 

@@ -1,150 +1,99 @@
 """DiffusionNFT for a text-to-image model (SD3) with the FIRM QMA reward (paper Sec 3.4, 4.1; FIRM_NOTES 4).
 
-One RL step, as the release runs it:
-  1. rollout: K samples per prompt from the "old" policy with a deterministic 10-step DPM-Solver-2 style ODE
-     sampler, no classifier-free guidance; keep the final latents x0 and the sampler's timesteps;
-  2. reward: QMA (R = I (0.4 + 0.6 Q)) from the generation critic, in process or from the reward server;
-  3. advantage A = (R - mean of the prompt's group) / (std over the whole gathered batch + 1e-4), clipped to
-     [-5, 5], mapped to the optimality probability r = 0.5 + A/10;
+One RL step, as the release runs it (main() numbers its steps the same way):
+  1. rollout: K samples of each of P prompts from the "old" policy with a deterministic 10-step DPM-Solver-2 style
+     ODE sampler, no classifier-free guidance; keep the final latents x0 and the sampler's noise levels;
+  2. reward: QMA, R = I (0.4 + 0.6 Q), from the generation critic (in process, or served by an inference engine);
+  3. advantage A = (R - mean of the prompt's group) / (std over the whole batch + 1e-4), clipped to [-5, 5],
+     mapped to the optimality probability r = 0.5 + A / 10;
   4. the NFT loss on the positive and implicit negative velocities with adaptive x0-space weights, plus
-     kl_weight * mse to the frozen base model's velocity, at 99% of the rollout's own timesteps;
-  5. one AdamW step (grad clip 1.0); the old policy is soft-updated towards the trained one; an EMA of the
-     trained weights is kept, and the EMA is what gets saved.
+     kl_weight * mse to the frozen base model's velocity, at 99% of the rollout's own noise levels; one AdamW step;
+  5. soft updates: the old policy moves towards the trained one; an EMA of the trained weights is what gets saved.
+The DiffusionNFT block below (interpolation, advantages, r, v+ / v-, weights, loss, KL, decays, sampler, update)
+is the algorithm in one piece; rl_edit.py imports it. The policy is SD3.5-Medium (any StableDiffusion3Pipeline
+directory) with LoRA (rank 32, alpha 64) on the attention projections, or --full-finetune.
 
-The policy is SD3.5-Medium (or any StableDiffusion3Pipeline directory) with LoRA (rank 32, alpha 64) on the
-attention projections, or --full-finetune. Multi-GPU: FSDP2 on each transformer block, then the root; text
-encoders and VAE frozen and replicated; the step's (prompt, sample) pairs are split into contiguous slices,
-one per rank, so the group size need not divide the number of GPUs; rewards are all-reduced with their ids.
-
-  python rl_gen.py --preset mini                         # tiny SD3 + tiny critic's QMA, ~3 min on CPU
-  python rl_gen.py --preset mini --reward pixel --out runs/mini/rl_gen_pixel   # exact reward: the algorithm check
+  python rl_gen.py --preset mini                                       # the miniature world, ~20 min on one core
   torchrun --standalone --nproc_per_node=8 rl_gen.py --model /ckpt/stable-diffusion-3.5-medium \
       --prompts prompts.jsonl --test-prompts test.jsonl --reward-model /ckpt/FIRM-Gen-8B --out runs/firm-sd35
-  (or --reward-model http://critic-host:8000/v1#firm-gen: a critic served by vLLM or any OpenAI-compatible engine)
+  (or --reward-model http://critic-host:8000/v1#firm-gen: a critic served by vLLM, see the README)
 
-The policy is trained without classifier-free guidance: sample the saved LoRA with guidance_scale=1.0 (the
-pipeline's default 7.0 is a different sampler from the one the critic rewarded). Rollouts use the checkpoint's
-own scheduler noise levels (noise_levels), the release's 128 T5 tokens and an fp32 VAE.
+Outputs in --out: pytorch_lora_weights.safetensors (the EMA LoRA; pipe.load_lora_weights(out)) with its sidecar
+pytorch_lora_weights.json (or transformer/ with --full-finetune), metrics.jsonl (one row per step), eval.jsonl
+(one row per evaluation), reward_curve.png, samples_grid.png (held-out prompts x evaluation steps), checkpoint/.
+Sample the LoRA guidance-free (guidance_scale=1.0): it was trained and rewarded without CFG.
 
-Outputs in --out: pytorch_lora_weights.safetensors (the EMA LoRA; pipe.load_lora_weights(out) reads it) with
-its sidecar pytorch_lora_weights.json (or transformer/ with --full-finetune), metrics.jsonl and eval.jsonl,
-reward_curve.png, samples_grid.png (held-out prompts x evaluation steps), checkpoint/ (resume with --resume).
-
-Deviations from the paper / release:
-  1. The old policy, the EMA and (with --full-finetune) the frozen base are kept as copies of the trainable
-     parameters and swapped in for their forward passes, not as extra peft adapters / modules. With LoRA the
-     frozen base is the policy with the LoRA up-projections at their zero initialisation, which computes
-     exactly what the base model with adapters disabled computes.
-  2. A sample whose reward could not be computed (critic answer that failed to parse) is dropped from its
-     group and from training, and counted; the release turns such failures into 0.
-  3. Without a T5 encoder (the miniature world) no T5 tokens are appended; diffusers' pipeline would
-     append --max-sequence-length zero vectors instead.
-  4. The miniature world has no VAE: the transformer works on pixels (latents = pixels, one place: decode()),
-     images are 32 px and are upsampled to --reward-image-size for the critic.
-  5. The miniature world's exact reward (--reward pixel) is objects x background of toy's pixel judge (object
-     colour coverage, background accuracy), not the judge's 0.5 / 0.5 sum: with the sum an empty canvas scores
-     0.5, and RL learned to draw nothing within 90 steps (--reward pixel-sum reproduces it); with
-     objects x (0.4 + 0.6 background) it learned to paint the canvas in the objects' colours.
-  6. The mini preset (CPU budget): 4 prompts x 8 samples per step, 2 of the 10 rollout timesteps trained per
-     sample (release: int(0.99 * 10) = 9), LoRA lr 1e-3 (paper 3e-4), 60 steps. Flags override it.
+Departures from the paper / release:
+  1. The old policy, the EMA and the frozen base are values of the trainable parameters swapped into the one
+     sharded model (common.use_weights), not extra peft adapters or modules. With LoRA the frozen base is the
+     adapters at their zero-initialised up-projections: exactly the base model.
+  2. A sample whose reward could not be computed (a critic answer with no score) is dropped from its group and
+     from training, and counted (reward_fail); the release turns it into 0.
+  3. Without a T5 encoder no T5 tokens are appended (the pipeline would append --max-sequence-length zeros).
+  4. Without a VAE the transformer works on pixels (decode() is the one place that knows).
+  5. Evaluation: every --eval-every steps the EMA weights draw one image per held-out prompt with fixed seeds,
+     scored by the critic and, with --eval-judge SPEC, by an independent judge (any critic spec).
 """
 
 import argparse
 import json
 import math
-import random
-import resource
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from common import (DataError, MetricsLog, cleanup_dist, clone_weights, die, every, find_checkpoint, fsdp_shard,
-                    full_weights, image_grid, keep_rows_through, load_checkpoint, load_image, plot_curves, print0,
-                    read_jsonl_resumable, read_manifest, run_stage, save_checkpoint, save_diffusers_model,
-                    save_lora_files, setup_dist, tensor_to_pil, use_weights, write_json)
+from common import (DataError, add_rl_args, held_out_summary, reward_stats, MetricsLog, cleanup_dist, clone_weights, evaluate_rl, every, fsdp_shard, full_weights,
+                    noise_like, peak_memory_over_ranks, print0, rank_batches, read_jsonl_resumable, read_manifest,
+                    run_stage, sample_seed, save_checkpoint, save_diffusers_model, save_lora_files, setup_dist,
+                    start_rl_run, step_prompts, tensor_to_pil, use_weights, write_json, write_rl_pictures,
+                    all_gather_values)
 
 # -----------------------------------------------------------------------------
-# CLI: defaults are the paper's / release's settings; --preset mini swaps in the miniature world's
+# CLI: the defaults are the paper's / release's settings; a preset swaps in a small setting (explicit flags win).
+# rl_edit.py uses the same flag names for the same things.
 
 PRESETS = {
+    # The miniature world on one CPU core (MINIATURE_NOTES): the tiny SD3 (python -m toy pretrain-gen) and the
+    # tiny gen critic; 4 prompts x 8 samples per step, 2 of the 10 noise levels trained per sample, LoRA lr 1e-3.
     "mini": dict(model="runs/mini/models/gen-base", prompts="runs/mini/data/rl/gen_train.jsonl",
                  test_prompts="runs/mini/data/rl/gen_test.jsonl", reward_model="runs/mini/models/gen-critic",
-                 reward_image_size=64, out="runs/mini/rl_gen", resolution=0, steps=60, prompts_per_step=4,
-                 group_size=8, timestep_fraction=0.2, lr=1e-3, rollout_batch=32, train_batch=32, eval_every=20,
-                 save_every=20, eval_prompts=32, eval_samples=1, reward_max_new_tokens=256, threads=1),
+                 eval_judge="toy.judges:pixel", reward_image_size=64, out="runs/mini/rl_gen", resolution=0, steps=60,
+                 prompts_per_step=4, group_size=8, timestep_fraction=0.2, lr=1e-3, micro_batch=32, eval_every=20,
+                 eval_steps=10, save_every=20, eval_prompts=32, reward_max_new_tokens=256, threads=1),
 }
 
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named small setting (flags given explicitly win)")
-    # model
+    # model and data
     ap.add_argument("--model", default=None, help="StableDiffusion3Pipeline directory (e.g. stable-diffusion-3.5-medium)")
-    ap.add_argument("--full-finetune", action="store_true", help="train all transformer weights instead of LoRA")
-    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
-    ap.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on the attention projections")
-    ap.add_argument("--lora-alpha", type=float, default=64, help="LoRA alpha (scale = alpha / rank)")
-    ap.add_argument("--resolution", type=int, default=512, help="image side in pixels (0 = the model's native size)")
-    ap.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens (release: 128; ignored without a T5 encoder)")
-    # data
     ap.add_argument("--prompts", default=None, help="JSONL {id, prompt[, requirement]} of RL training prompts")
     ap.add_argument("--test-prompts", default=None, help="JSONL of held-out prompts for evaluation (optional)")
-    # reward
-    ap.add_argument("--reward", default="qma", choices=["qma", "instruction", "pixel", "pixel-sum"],
-                    help="qma / instruction: critic fusion (reward.py); pixel: the miniature world's exact judge, "
-                         "objects x background; pixel-sum: its 0.5 / 0.5 sum (an empty canvas scores 0.5)")
-    ap.add_argument("--reward-model", default=None, help="the critic: a model directory scored in process (e.g. "
-                    "FIRM-Gen-8B) or an OpenAI-compatible endpoint http://host:port/v1[#served name] (reward.open_critic)")
-    ap.add_argument("--reward-image-size", type=int, default=0, help="resize images to this side (px) for the critic; 0 = as generated")
-    ap.add_argument("--reward-batch", type=int, default=16, help="images per critic call")
-    ap.add_argument("--reward-method", default="generate", choices=["generate", "expected"],
-                    help="critic scoring: greedy answer then parse (paper), or expected score from digit probabilities")
-    ap.add_argument("--reward-max-new-tokens", type=int, default=None, help="critic answer length limit, tokens "
-                    "(default: the release's 8192 for the gen critic, reward.MAX_NEW_TOKENS)")
-    # rollout
-    ap.add_argument("--prompts-per-step", type=int, default=48, help="prompt groups per RL step (global)")
-    ap.add_argument("--group-size", type=int, default=16, help="samples per prompt (K)")
-    ap.add_argument("--rollout-steps", type=int, default=10, help="ODE sampler steps for rollouts and evaluation")
-    ap.add_argument("--rollout-batch", type=int, default=16, help="samples per sampler call, per rank")
-    # DiffusionNFT
-    ap.add_argument("--nft-beta", type=float, default=1.0, help="NFT mixing coefficient beta of v+ / v- (NOT the KL weight)")
-    ap.add_argument("--kl-weight", type=float, default=1e-4, help="weight of mse(v, v_base), the KL to the frozen base (NOT beta)")
-    ap.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to [-c, c]; r = 0.5 + A / (2c)")
-    ap.add_argument("--timestep-fraction", type=float, default=0.99, help="share of the rollout's timesteps trained on per sample")
-    # optimisation
-    ap.add_argument("--steps", type=int, default=600, help="RL steps (one optimizer step each)")
-    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    ap.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    ap.add_argument("--train-batch", type=int, default=8, help="samples per forward/backward, per rank")
-    # evaluation, output
     ap.add_argument("--out", default="runs/rl_gen", help="output directory")
-    ap.add_argument("--eval-every", type=int, default=50, help="evaluate the EMA weights on held-out prompts every N steps (0 = never)")
-    ap.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation")
-    ap.add_argument("--eval-samples", type=int, default=1, help="samples per held-out prompt")
-    ap.add_argument("--grid-prompts", type=int, default=6, help="rows of samples_grid.png")
-    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps and after the last (0 = after the last only)")
-    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint if it exists")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--resolution", type=int, default=512, help="image side, px (0 = the model's native size)")
+    ap.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens (release: 128)")
+    ap.add_argument("--reward-image-size", type=int, default=0, help="resize images to this side (px) for the critic "
+                    "(0 = as generated)")
+    add_rl_args(ap)  # the flags rl_edit.py shares, with the same names (common.add_rl_args)
     pre, _ = ap.parse_known_args(argv)
     if pre.preset:
         ap.set_defaults(**PRESETS[pre.preset])
     args = ap.parse_args(argv)
-    if not args.model or not args.prompts:
-        ap.error("--model and --prompts are required (or --preset mini)")
+    for flag in ("model", "prompts", "reward_model"):
+        if not getattr(args, flag):
+            ap.error(f"--{flag.replace('_', '-')} is required (or --preset mini)")
     return args
 
 
 # -----------------------------------------------------------------------------
-# --- DiffusionNFT: the paper's quantities as small pure functions (FIRM_NOTES section 4)
-# rl_edit.py imports these; the algorithm lives here once.
+# DiffusionNFT: the paper's quantities as small pure functions (FIRM_NOTES section 4), then the update.
 # Conventions (rectified flow, as SD3 and Qwen-Image use): t in [0, 1], t = 1 is pure noise,
 #   x_t = (1 - t) x0 + t eps,   the network predicts the velocity v = eps - x0,   x0_hat = x_t - t v.
 
+ADV_CLIP = 5.0  # advantages are clipped to [-5, 5] and the NFT loss is scaled by the same 5 (release: adv_clip_max)
 
 def _bcast(t, x):
     """A per-sample (B,) or scalar t shaped to broadcast against x (B, ...)."""
@@ -163,7 +112,7 @@ def x0_from_v(x_t, v, t):
     return x_t - _bcast(t, x_t) * v
 
 
-def group_advantages(rewards, group_ids, clip=5.0, eps=1e-4):
+def group_advantages(rewards, group_ids, clip=ADV_CLIP, eps=1e-4):
     """A = (R - mean of its prompt group) / (std over the whole batch + eps), clipped to [-clip, clip].
 
     `rewards`: list/tensor of N floats, where None or NaN marks a reward that could not be computed
@@ -189,7 +138,7 @@ def group_advantages(rewards, group_ids, clip=5.0, eps=1e-4):
     return adv.clamp(-clip, clip)
 
 
-def optimality_probability(adv, clip=5.0):
+def optimality_probability(adv, clip=ADV_CLIP):
     """r = clip(0.5 + A / (2 clip), 0, 1): with clip 5 this is the paper's r = 0.5 + A/10.
 
     r = 1: train only towards the positive policy; r = 0: only towards the implicit negative one.
@@ -214,12 +163,12 @@ def adaptive_weight(x0_pred, x0, floor=1e-5):
         return (x0_pred.detach().double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp_min(floor).to(x0.dtype)
 
 
-def nft_loss(v, v_old, x_t, x0, t, r, nft_beta=1.0, scale=5.0):
+def nft_loss(v, v_old, x_t, x0, t, r, nft_beta=1.0, scale=ADV_CLIP):
     """The DiffusionNFT policy loss, per sample (B,):
 
     x0+ = x_t - t v+,  x0- = x_t - t v-,
     L = scale * ( r |x0+ - x0|^2 / w+  +  (1 - r) |x0- - x0|^2 / w- ) / nft_beta   (means over pixels),
-    with w+- the adaptive weights. `scale` is the release's advantage clip (5). Take .mean() for the loss.
+    with w+- the adaptive weights. `scale` is the advantage clip (ADV_CLIP), as in the release. Take .mean() for the loss.
     Its minimiser: v+ pulled to the data velocity for r = 1, v- pulled there for r = 0.
     """
     v_pos, v_neg = nft_velocities(v, v_old, nft_beta)
@@ -303,8 +252,82 @@ def ode_sample(velocity_fn, x_T, timesteps):
     return x, xs
 
 
+
+def optimality_targets(rewards, group_ids):
+    """Step 3 for a whole step: rewards (None = no score) -> (r (N,), valid (N,) bool). A failed reward is valid
+    False: the caller gives that sample weight 0."""
+    adv = group_advantages(rewards, group_ids)  # (N,) float64, NaN where the reward failed
+    return optimality_probability(adv.nan_to_num(0.0)).float(), ~torch.isnan(adv)
+
+
+def training_points(x0, levels, seeds, T):
+    """Step 4's inputs: per sample, T of the rollout's own noise levels (`levels`, without the final 0) in an order
+    drawn from the sample's seed, and x0 re-noised at each with fresh noise from that seed.
+    x0 (B, ...) -> (ts (B, T), x_t (B, T, ...))."""
+    pick = lambda s: torch.randperm(len(levels), generator=torch.Generator().manual_seed(sample_seed(s, "t")))[:T]
+    ts = torch.stack([levels[pick(s)] for s in seeds]).float().to(x0.device)  # (B, T)
+    eps = torch.stack([noise_like(x0.shape[1:], [sample_seed(s, "eps", i) for i in range(T)], x0.device)
+                       for s in seeds])  # (B, T, ...)
+    return ts, rectified_flow_interp(x0[:, None], eps, ts.view(*ts.shape, *[1] * (x0.ndim - 1)))
+
+
+def nft_update(model, params, opt, old, ref, micro_batches, n_valid, args, world):
+    """Step 4: the DiffusionNFT loss over this rank's micro-batches, one AdamW step.
+
+    micro_batches: [(vfn, x_t (B, T, ...), ts (B, T), x0 (B, ...), r (B,), w (B,))]: vfn(x, t) -> v is the policy's
+    velocity under that micro-batch's conditioning, x_t the rollout's x0 re-noised at T of its noise levels ts,
+    r the optimality probabilities, w the sample weights (0 = failed reward or padding). n_valid: samples with a
+    reward over ALL ranks. Returns float64 (4,): sums of loss, nft, kl (weighted) and the gradient norm.
+    """
+    # the frozen predictions first, each weight set swapped in once: old policy (for v+ / v-) and base (the KL)
+    frozen = {}
+    with torch.no_grad():
+        for name, weights in (("old", old), ("ref", ref)):
+            if weights is None:
+                continue
+            with use_weights(model, params, weights):
+                frozen[name] = [torch.stack([vfn(x_t[:, i], ts[:, i]) for i in range(ts.shape[1])], 1)  # (B, T, ...)
+                                for vfn, x_t, ts, *_ in micro_batches]
+    stats = torch.zeros(4, dtype=torch.float64, device=micro_batches[0][1].device)
+    opt.zero_grad(set_to_none=True)
+    # FSDP averages gradients over the ranks, so each rank's sum is scaled by world / (all valid samples x T):
+    # the total is the mean over every valid (sample, noise level) of the whole step, whatever the rank count
+    norm = world / (n_valid * micro_batches[0][2].shape[1])
+    for k, (vfn, x_t, ts, x0, r, w) in enumerate(micro_batches):  # every rank runs as many passes (padding): FSDP needs it
+        for i in range(ts.shape[1]):
+            v = vfn(x_t[:, i], ts[:, i])  # (B, ...)
+            l_nft = nft_loss(v, frozen["old"][k][:, i], x_t[:, i], x0, ts[:, i], r, nft_beta=args.nft_beta, scale=ADV_CLIP)
+            l_kl = kl_loss(v, frozen["ref"][k][:, i]) if ref is not None else torch.zeros_like(l_nft)  # (B,)
+            loss = l_nft + args.kl_weight * l_kl  # the NFT beta lives inside nft_loss; kl_weight only here
+            ((loss * w).sum() * norm).backward()  # gradients reduce-scattered over the ranks here (FSDP2)
+            stats[:3] += torch.stack([(x.detach() * w).sum() for x in (loss, l_nft, l_kl)]).double()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # sync point: the norm over every rank's shard
+    stats[3] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    opt.step()
+    return stats
+
+
+def nft_step(model, params, opt, old, ema, ref, micro_batches, valid, step, args, world):
+    """Steps 4-5: one optimizer step and the soft updates; nothing at all when no sample of the step has a reward
+    (an AdamW step on a zero gradient still moves the weights). The decay schedules count optimizer steps DONE
+    (the release increments its counter first): step + 1. Returns the log's loss / nft / kl / grad_norm."""
+    n_valid, T = int(valid.sum()), micro_batches[0][2].shape[1]
+    if n_valid == 0:
+        print0(f"step {step + 1}: no sample of the step has a reward; skipping the update")
+        return {"loss": None, "nft": None, "kl": None, "grad_norm": None}
+    stats = nft_update(model, params, opt, old, ref, micro_batches, n_valid, args, world)
+    ema_update_(old, params, old_policy_decay(step + 1))  # the rollout policy follows slowly
+    ema_update_(ema, params, ema_decay(step + 1))  # the saved weights
+    sums = stats[:3].clone()
+    if world > 1:
+        torch.distributed.all_reduce(sums)  # sync point: the loss sums of every rank's samples, for the log
+    return {"loss": float(sums[0]) / (n_valid * T), "nft": float(sums[1]) / (n_valid * T),
+            "kl": float(sums[2]) / (n_valid * T), "grad_norm": float(stats[3])}
+
+
+
 # -----------------------------------------------------------------------------
-# the generator: loading, prompt encoding, the velocity field, sampling, decoding
+# the model adapter: the generator (loading, prompt encoding, the velocity field, sampling, decoding), the policy
 
 
 class Generator:
@@ -371,16 +394,6 @@ def velocity(transformer, x_t, t, emb, pooled):
                        timestep=(t * 1000).to(dt), return_dict=False)[0].float()
 
 
-def sample_seed(seed, *ids):
-    """A 63-bit seed from the run seed and global ids (step, sample index, ...): never from the rank."""
-    return random.Random(":".join(str(i) for i in (seed, *ids))).getrandbits(63)
-
-
-def noise_like(shape, seeds, device):
-    """One Gaussian tensor per seed, stacked: the same sample gets the same noise on any rank or batch."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
-
-
 @torch.no_grad()
 def sample_latents(gen, transformer, emb, pooled, seeds, timesteps, shape, batch_size):
     """Deterministic ODE sampling (ode_sample) of len(seeds) latents, batch_size at a time. Returns (B, C, h, w)."""
@@ -411,8 +424,6 @@ def generate(gen, prompts, seeds, steps=10, resolution=0, batch_size=16):
     return [tensor_to_pil(x) for x in decode(gen, lat)]
 
 
-# -----------------------------------------------------------------------------
-# the policy: LoRA or full fine-tuning, FSDP2, weight sets (old policy, EMA, frozen base), checkpoints
 
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # image-stream projections
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # text stream
@@ -457,205 +468,32 @@ def save_policy(out, gen, model, params, ema, args, rank, sidecar):
     save_lora_files(StableDiffusion3Pipeline, out, lora, meta, sidecar)
 
 
+
 # -----------------------------------------------------------------------------
-# data: prompts, the step's (prompt, sample) pairs, this rank's slice
+# data and reward
 
 
-def load_prompts(path, need_scene=False):
-    """Prompt records {prompt[, id, requirement]}, checked (common.read_manifest); a record without an id gets
-    "<file stem>:<line>"."""
-    rows = read_manifest(path, {"id": "id?", "prompt": "text", "requirement": "str?", "toy": "dict?"}, lines=True)
+def load_prompts(path):
+    """Prompt records {prompt[, id, requirement, ...]}, all checked first (common.read_manifest); a record without
+    an id gets "<file stem>:<line>". Other fields travel with the record (a judge may read them: contract of
+    reward.open_critic)."""
+    rows = read_manifest(path, {"id": "id?", "prompt": "text", "requirement": "str?"}, lines=True)
     for lineno, r in rows:
-        if need_scene and "scene" not in r.get("toy", {}):
-            raise DataError(f"{path}:{lineno}: field 'toy.scene' missing; --reward pixel needs the miniature world's prompts")
         r.setdefault("id", f"{Path(path).stem}:{lineno}")
     return [r for _, r in rows]
 
 
-def step_prompts(n_prompts, per_step, step, seed):
-    """Prompt indices of one RL step: consecutive slices of per-epoch shuffles (each prompt once per epoch)."""
-    out, perms = [], {}
-    for k in range(step * per_step, (step + 1) * per_step):
-        epoch, i = divmod(k, n_prompts)
-        if epoch not in perms:
-            perms[epoch] = random.Random(f"{seed}:epoch:{epoch}").sample(range(n_prompts), n_prompts)
-        out.append(perms[epoch][i])
-    return out
-
-
-def rank_slice(n, rank, world):
-    """Contiguous slice [lo, hi) of n global items for this rank (sizes differ by at most one)."""
-    return rank * n // world, (rank + 1) * n // world
-
-
-def all_gather_values(values, lo, n, device):
-    """Global list of n floats-or-None from each rank's slice starting at lo (sum-reduce of value and mask)."""
-    buf = torch.zeros(2, n, dtype=torch.float64, device=device)
-    for i, v in enumerate(values):
-        if v is not None and math.isfinite(v):
-            buf[0, lo + i], buf[1, lo + i] = v, 1.0
-    dist.all_reduce(buf)  # sync point: every rank gets every reward
-    return [float(buf[0, j]) if buf[1, j] > 0 else None for j in range(n)]
-
-
-# -----------------------------------------------------------------------------
-# rewards: the critic's fusion (in process / server) or the miniature world's exact pixel judge
-
-
-PIXEL_REWARDS = ("pixel", "pixel-sum")
-
-
-def make_scorer(args, device):
-    if args.reward in PIXEL_REWARDS:
-        return None
-    from reward import open_critic
-    if not args.reward_model:
-        die("give --reward-model (a critic directory or endpoint URL), or use --reward pixel")
-    return open_critic(args.reward_model, device=device, batch_size=args.reward_batch,
-                       max_new_tokens=args.reward_max_new_tokens)
-
-
-def pixel_judge(img, rec, part="overall"):
-    """The independent judge of the miniature world (None for prompts without a known scene).
-    part: "overall" = objects x background, "objects" (object colour coverage), "background"."""
-    if not isinstance(rec.get("toy"), dict) or "scene" not in rec["toy"]:
-        return None
-    import toy
-    return toy.pixel_judge_gen(img, toy.Scene.from_dict(rec["toy"]["scene"]))[part]
-
-
-def compute_rewards(args, scorer, images, recs):
-    """(rewards: list[float | None], judge: list[float | None]); None = failed to parse (dropped, counted)."""
-    judge = [pixel_judge(im, r) for im, r in zip(images, recs)]
-    if args.reward == "pixel":  # a product: neither an empty canvas nor one painted over earns anything
-        return judge, judge
-    if args.reward == "pixel-sum":  # the hackable 0.5 / 0.5 sum, kept to show the hack
-        return [0.5 * pixel_judge(im, r, "objects") + 0.5 * pixel_judge(im, r, "background") for im, r in zip(images, recs)], judge
-    from reward import failure_note, gen_rewards
+def score(critic, fusion, recs, images, method="generate", size=0):
+    """Step 2: the critic's fused reward of each image, in [0, 1]; None where an answer gave no score (that sample
+    is dropped from its group: deviation 2)."""
     from PIL import Image
-    size = args.reward_image_size
+    from reward import failure_note, gen_rewards
     items = [{"image": im.resize((size, size), Image.BICUBIC) if size else im, "prompt": r["prompt"],
-              "requirement": r.get("requirement")} for im, r in zip(images, recs)]
-    rewards, stats = gen_rewards(scorer, items, fusion=args.reward, on_failure="drop", method=args.reward_method)
-    if note := failure_note(stats):  # a dead critic server, answers cut by the limit, or answers with no score
-        print0(f"rank 0: {note}")
-    return list(rewards), judge
-
-
-# -----------------------------------------------------------------------------
-# evaluation on held-out prompts (the EMA weights: what gets saved), pictures
-
-
-def padded_slice(n, rank, world):
-    """This rank's global indices, padded (repeating the last) to ceil(n / world): FSDP needs every rank to run
-    the same number of forward passes. Returns (indices, n_real)."""
-    lo, hi = rank_slice(n, rank, world)
-    m = -(-n // world)
-    real = list(range(lo, hi))
-    return real + [real[-1] if real else 0] * (m - len(real)), len(real)
-
-
-@torch.no_grad()
-def evaluate(args, gen, model, params, weights, test, scorer, step, rank, world):
-    """Reward and pixel judge of `weights` on the first --eval-prompts held-out prompts (fixed seeds)."""
-    pairs = [(i, k) for i in range(min(args.eval_prompts, len(test))) for k in range(args.eval_samples)]
-    idx, n_real = padded_slice(len(pairs), rank, world)
-    mine = [pairs[j] for j in idx]
-    emb, pooled = encode_prompts(gen, [test[i]["prompt"] for i, _ in mine])
-    seeds = [sample_seed(args.seed, "eval", i, k) for i, k in mine]  # the same noise at every evaluation
-    with use_weights(model, params, weights):
-        lat = sample_latents(gen, model, emb, pooled, seeds, noise_levels(gen.pipe.scheduler, args.rollout_steps),
-                             gen.latent_shape(args.resolution), args.rollout_batch)
-    images = [tensor_to_pil(x) for x in decode(gen, lat[:n_real])]
-    for (i, k), im in zip(mine[:n_real], images):  # each rank writes its own pictures; rank 0 assembles the grid
-        if k == 0 and i < args.grid_prompts:
-            im.save(Path(args.out) / "samples" / f"step{step:05d}_{i:03d}.png")
-    recs = [test[i] for i, _ in mine[:n_real]]
-    rewards, judge = compute_rewards(args, scorer, images, recs)
-    cols = {"eval_reward": rewards, "eval_judge": judge,  # the judge's two halves: what did RL change?
-            **{f"eval_{p}": [pixel_judge(im, r, p) for im, r in zip(images, recs)] for p in ("objects", "background")}}
-    lo, out = rank_slice(len(pairs), rank, world)[0], {}
-    for name, values in cols.items():
-        ok = [x for x in all_gather_values(values, lo, len(pairs), gen.device) if x is not None]
-        out[name] = sum(ok) / len(ok) if ok else float("nan")
-        if name == "eval_reward":
-            out["eval_fail"] = len(pairs) - len(ok)
-    return out
-
-
-def write_pictures(out, test, grid_prompts):
-    """samples_grid.png (rows: held-out prompts, columns: evaluation steps) and reward_curve.png."""
-    out = Path(out)
-    steps = sorted({int(p.name[4:9]) for p in (out / "samples").glob("step*_*.png")})
-    rows = []
-    for i in range(min(grid_prompts, len(test))):
-        row = [load_image(out / "samples" / f"step{s:05d}_{i:03d}.png") for s in steps
-               if (out / "samples" / f"step{s:05d}_{i:03d}.png").is_file()]
-        if row:
-            rows.append([im.resize((max(im.width, 96), max(im.height, 96)), 0) for im in row])  # 0 = nearest
-    if rows:
-        image_grid(rows).save(out / "samples_grid.png")
-    train, ev = read_jsonl_resumable(out / "metrics.jsonl"), read_jsonl_resumable(out / "eval.jsonl")
-    plot_curves(out / "reward_curve.png", {
-        "train reward": [(r["step"], r["reward"]) for r in train],
-        "eval reward": [(r["step"], r["eval_reward"]) for r in ev],
-        "eval pixel judge": [(r["step"], r["eval_judge"]) for r in ev]}, title=f"rl_gen: columns of samples_grid.png = steps {steps}")
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def nft_update(model, params, opt, old, ref, micro_batches, n_valid, args, world):
-    """Steps 4-5 of one RL step: the DiffusionNFT loss over this rank's micro-batches, one AdamW step.
-
-    micro_batches: [(vfn, x_t (B, T, ...), ts (B, T), x0 (B, ...), r (B,), w (B,))], where vfn(x, t) -> v is the
-    policy's velocity under that micro-batch's conditioning, x_t are the rollout's x0 re-noised at T of its own
-    noise levels ts, r the optimality probabilities and w the sample weights (0 = failed reward or padding).
-    n_valid: samples with a reward over ALL ranks. Returns float64 (4,): sums of loss, nft, kl (weighted) and the
-    gradient norm. Both RL scripts call this; the model-specific parts live in vfn.
-    """
-    # the frozen predictions first, each weight set swapped in once: old policy (for v+ / v-) and base (the KL)
-    frozen = {}
-    with torch.no_grad():
-        for name, weights in (("old", old), ("ref", ref)):
-            if weights is None:
-                continue
-            with use_weights(model, params, weights):
-                frozen[name] = [torch.stack([vfn(x_t[:, i], ts[:, i]) for i in range(ts.shape[1])], 1)  # (B, T, ...)
-                                for vfn, x_t, ts, *_ in micro_batches]
-    stats = torch.zeros(4, dtype=torch.float64, device=micro_batches[0][1].device)
-    opt.zero_grad(set_to_none=True)
-    norm = world / (n_valid * micro_batches[0][2].shape[1])  # FSDP averages over ranks: the total is a mean over all (sample, t)
-    for k, (vfn, x_t, ts, x0, r, w) in enumerate(micro_batches):  # every rank runs as many passes (padding): FSDP needs it
-        for i in range(ts.shape[1]):
-            v = vfn(x_t[:, i], ts[:, i])
-            l_nft = nft_loss(v, frozen["old"][k][:, i], x_t[:, i], x0, ts[:, i], r, nft_beta=args.nft_beta, scale=args.adv_clip)
-            l_kl = kl_loss(v, frozen["ref"][k][:, i]) if ref is not None else torch.zeros_like(l_nft)
-            loss = l_nft + args.kl_weight * l_kl  # the NFT beta lives inside nft_loss; kl_weight only here
-            ((loss * w).sum() * norm).backward()
-            stats[:3] += torch.stack([(x.detach() * w).sum() for x in (loss, l_nft, l_kl)]).double()
-    gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-    stats[3] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-    opt.step()
-    return stats
-
-
-def nft_step(model, params, opt, old, ema, ref, micro_batches, n_valid, step, args, world):
-    """One optimizer step and the soft updates, or nothing at all when no sample of the step has a reward.
-
-    Skipping matters: an AdamW step on a zero gradient still moves the weights (momentum, weight decay).
-    The decay schedules count optimizer steps DONE (the release increments its step counter first): step + 1.
-    Returns nft_update's stats, or None when the step was skipped.
-    """
-    if n_valid == 0:
-        return None
-    stats = nft_update(model, params, opt, old, ref, micro_batches, n_valid, args, world)
-    ema_update_(old, params, old_policy_decay(step + 1))  # the rollout policy follows slowly
-    ema_update_(ema, params, ema_decay(step + 1))  # the saved weights
-    return stats
+              "requirement": r.get("requirement"), "record": r} for im, r in zip(images, recs)]
+    rewards, stats = gen_rewards(critic, items, fusion=fusion, method=method)
+    if note := failure_note(stats):  # a dead critic server, answers cut by the limit, answers without a score
+        print(f"[reward] {note}", flush=True)
+    return rewards
 
 
 # -----------------------------------------------------------------------------
@@ -663,123 +501,101 @@ def nft_step(model, params, opt, old, ema, ref, micro_batches, n_valid, step, ar
 
 
 def main(args):
+    # Setup: one code path for python and torchrun (a world of one without it)
     rank, world, device = setup_dist()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    train = load_prompts(args.prompts, need_scene=args.reward in PIXEL_REWARDS)
-    test = load_prompts(args.test_prompts, need_scene=args.reward in PIXEL_REWARDS) if args.test_prompts else []
-    scorer = make_scorer(args, device)  # before the policy: a wrong critic path fails in seconds
+    train = load_prompts(args.prompts)
+    test = load_prompts(args.test_prompts)[:args.eval_prompts] if args.test_prompts and args.eval_every else []
+    from reward import open_critic  # the critics before the policy: a wrong path or URL fails in seconds
+    critic = open_critic(args.reward_model, device=device, batch_size=args.reward_batch, max_new_tokens=args.reward_max_new_tokens)
+    judge = open_critic(args.eval_judge, device=device, batch_size=args.reward_batch) if args.eval_judge and test else None
+
+    # The policy: LoRA (or every weight) on the fp32 transformer, FSDP2, the optimizer after sharding. The frozen base,
+    # the old (rollout) policy and the EMA are values of the trained parameters (deviation 1)
     gen = load_generator(args.model, device=device, transformer_dtype=torch.float32, max_sequence_length=args.max_sequence_length)
-    params = make_policy(gen, args, device)
-    model = gen.transformer
-    ref = clone_weights(params) if args.kl_weight > 0 else None  # the frozen base (deviation 1)
+    model, params = gen.transformer, make_policy(gen, args, device)
+    ref = clone_weights(params) if args.kl_weight > 0 else None
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    old, ema, start = clone_weights(params), clone_weights(params), 0  # rollout policy, saved EMA
-    ckpt = find_checkpoint(out, rank) if args.resume else None
-    if ckpt is not None:
-        start, old, ema = load_checkpoint(ckpt, model, params, opt)
-        print0(f"resumed from {ckpt} at step {start}")
-    if rank == 0:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "eval.jsonl"):  # keep what the checkpoint covers, drop the rest
-            keep_rows_through(out / name, start if ckpt is not None else -1)
-        if ckpt is None:
-            for p in (out / "samples").glob("*.png"):
-                p.unlink()
-    dist.barrier()
+    start, old, ema = start_rl_run(out, model, params, opt, clone_weights(params), clone_weights(params), args.resume, rank)
 
     P, K = args.prompts_per_step, args.group_size
-    N = P * K  # (prompt, sample) pairs per step, global index j = g * K + k
-    idx_local, n_real = padded_slice(N, rank, world)
-    timesteps = noise_levels(gen.pipe.scheduler, args.rollout_steps)  # the checkpoint's noise levels, 1 -> 0
-    T = max(1, int(args.timestep_fraction * args.rollout_steps))  # training timesteps per sample
+    N, T = P * K, max(1, int(args.timestep_fraction * args.rollout_steps))  # samples per step; trained levels per sample
+    levels = noise_levels(gen.pipe.scheduler, args.rollout_steps)  # (steps + 1,) the checkpoint's own, 1 -> 0
     shape = gen.latent_shape(args.resolution)
-    n_train = sum(p.numel() for p in params)
-    print0(f"world {world} | {'full fine-tune' if args.full_finetune else f'LoRA r{args.lora_rank} alpha {args.lora_alpha:g}'}: "
-           f"{n_train / 1e6:.2f} M trainable parameters | latents {tuple(shape)}, timestep shift {gen.shift:g}")
-    print0(f"per step: {P} prompts x {K} samples = {N} rollouts ({len(idx_local)} on this rank), "
-           f"{args.rollout_steps} sampler steps, {T} training timesteps per sample | reward {args.reward} | "
-           f"nft_beta {args.nft_beta:g}, kl_weight {args.kl_weight:g}")
+    print0(f"{world} rank(s) | {'full fine-tuning' if args.full_finetune else f'LoRA r{args.lora_rank} alpha {args.lora_alpha:g}'}: "
+           f"{sum(p.numel() for p in params) / 1e6:.3f} M trained parameters | latents {tuple(shape)}, shift {gen.shift:g}")
+    print0(f"per step: {P} prompts x {K} samples = {N} rollouts, ~{math.ceil(N / world)} per rank | {args.rollout_steps} "
+           f"sampler steps, {T} trained noise levels per sample | reward {args.reward} | {len(train)} prompts, {len(test)} held out")
     log, elog = MetricsLog(out / "metrics.jsonl", rank == 0), MetricsLog(out / "eval.jsonl", rank == 0)
-    if start == 0 and args.eval_every and test:
-        elog.log(0, **evaluate(args, gen, model, params, ema, test, scorer, 0, rank, world))
 
+    def evaluate(step):  # the EMA weights (what gets saved), one sample per held-out prompt, the same seeds every time
+        eval_levels = noise_levels(gen.pipe.scheduler, args.eval_steps)
+        def draw(idx):
+            emb, pooled = encode_prompts(gen, [test[i]["prompt"] for i in idx])
+            lat = sample_latents(gen, model, emb, pooled, [sample_seed(args.seed, "eval", i) for i in idx], eval_levels, shape, len(idx))
+            return [tensor_to_pil(x) for x in decode(gen, lat)]
+        scorers = {"reward": lambda idx, ims: score(critic, args.reward, [test[i] for i in idx], ims, args.reward_method, args.reward_image_size)}
+        if judge is not None:
+            scorers["judge"] = lambda idx, ims: score(judge, "qma", [test[i] for i in idx], ims)
+        with use_weights(model, params, ema):
+            elog.log(step, **evaluate_rl(draw, scorers, [0] * len(test), step, out, args.grid_prompts, args.micro_batch, rank, world, device))
+
+    if start == 0 and test:
+        evaluate(0)
     for step in range(start, args.steps):
-        # 1. rollouts with the old policy (no grad, deterministic ODE, no CFG)
         t0 = time.time()
-        prompt_idx = step_prompts(len(train), P, step, args.seed)
-        recs = [train[prompt_idx[j // K]] for j in idx_local]
-        emb, pooled = encode_prompts(gen, [r["prompt"] for r in recs])
+        # 1. rollout: K samples of each of the step's P prompts from the old policy (deterministic ODE, no CFG)
+        prompt_of = [p for p in step_prompts(len(train), P, step, args.seed) for _ in range(K)]  # (N,) sample j -> prompt
+        seeds = [sample_seed(args.seed, step, j) for j in range(N)]  # of the global index, never of the rank
+        batches = []
         with use_weights(model, params, old):
-            x0 = sample_latents(gen, model, emb, pooled, [sample_seed(args.seed, step, j) for j in idx_local],
-                                timesteps, shape, args.rollout_batch)
-        images = [tensor_to_pil(x) for x in decode(gen, x0[:n_real])]
-        # 2. rewards of this rank's samples, gathered with their global ids
+            for idx, real in rank_batches([0] * N, rank, world, args.micro_batch):  # one shape: contiguous chunks
+                emb, pooled = encode_prompts(gen, [train[prompt_of[j]]["prompt"] for j in idx])
+                x0 = sample_latents(gen, model, emb, pooled, [seeds[j] for j in idx], levels, shape, len(idx))  # (B, C, h, w)
+                batches.append((idx, real, emb, pooled, x0))
+        # 2. reward: each rank scores its own samples, then every rank has every reward
         t1 = time.time()
-        rew_local, judge_local = compute_rewards(args, scorer, images, recs[:n_real])
-        lo = rank_slice(N, rank, world)[0]
-        rewards, judge = all_gather_values(rew_local, lo, N, device), all_gather_values(judge_local, lo, N, device)
-        # 3. advantages (group mean, global std) -> optimality probability r; failed rewards get weight 0
+        mine = [j for idx, real, *_ in batches if real for j in idx]
+        images = [tensor_to_pil(x) for idx, real, _, _, x0 in batches if real for x in decode(gen, x0)]
+        local = score(critic, args.reward, [train[prompt_of[j]] for j in mine], images, args.reward_method, args.reward_image_size)
+        rewards = all_gather_values(local, mine, N, device)
+        # 3. advantages (group mean, global std) -> optimality probability r; a failed reward trains nothing
         t2 = time.time()
-        adv = group_advantages(rewards, [prompt_idx[j // K] for j in range(N)], clip=args.adv_clip)  # groups: same prompt
-        valid = ~torch.isnan(adv)
-        n_valid = int(valid.sum())
-        r = optimality_probability(adv.nan_to_num(0.0), clip=args.adv_clip).float()[idx_local].to(device)
-        w = valid.float()[idx_local].to(device)
-        w[n_real:] = 0.0  # padding duplicates train nothing
-        # 4-5. the DiffusionNFT update (one optimizer step) and the soft updates of the old policy and the EMA:
-        #      T of the rollout's own noise levels per sample, in a random order, each with fresh noise
-        ts = torch.stack([timesteps[:-1][torch.randperm(len(timesteps) - 1, generator=torch.Generator().manual_seed(
-            sample_seed(args.seed, step, j, "t")))[:T]] for j in idx_local]).float().to(device)  # (m, T)
-        eps = torch.stack([noise_like(shape, [sample_seed(args.seed, step, j, "eps", i) for i in range(T)], device)
-                           for j in idx_local])  # (m, T, C, h, w)
-        x_t = rectified_flow_interp(x0[:, None], eps, ts[..., None, None, None])  # (m, T, C, h, w)
-        B = args.train_batch
-        micro = [(lambda x, t, e=emb[b:b + B], p=pooled[b:b + B]: velocity(model, x, t, e, p),
-                  x_t[b:b + B], ts[b:b + B], x0[b:b + B], r[b:b + B], w[b:b + B]) for b in range(0, len(idx_local), B)]
-        stats = nft_step(model, params, opt, old, ema, ref, micro, n_valid, step, args, world)
-        if stats is None:
-            print0(f"step {step + 1}: no valid reward in the whole batch; skipping the update")
-            stats = torch.zeros(4, dtype=torch.float64, device=device)
-        t3 = time.time()
-        sums = stats.clone()
-        sums[3] = 0
-        dist.all_reduce(sums)
-        mem = torch.tensor([peak_memory_gb(device)], device=device)
-        mems = [torch.zeros_like(mem) for _ in range(world)]
-        dist.all_gather(mems, mem)
-        ok, jd = [x for x in rewards if x is not None], [x for x in judge if x is not None]
-        mean = sum(ok) / len(ok) if ok else float("nan")
-        log.log(step + 1, reward=mean, reward_std=(sum((x - mean) ** 2 for x in ok) / len(ok)) ** 0.5 if ok else float("nan"),
-                judge=sum(jd) / len(jd) if jd else float("nan"), parse_fail=N - len(ok),
-                loss=float(sums[0]) / max(n_valid * T, 1), nft=float(sums[1]) / max(n_valid * T, 1),
-                kl=float(sums[2]) / max(n_valid * T, 1), grad_norm=float(stats[3]),
-                t_rollout=round(t1 - t0, 3), t_reward=round(t2 - t1, 3), t_train=round(t3 - t2, 3),
-                mem_gb_max=round(max(float(m) for m in mems), 3), mem_gb_min=round(min(float(m) for m in mems), 3))
+        r, valid = optimality_targets(rewards, prompt_of)  # (N,), (N,)
+        # 4-5. the NFT update at T of the rollout's own noise levels per sample, then the soft updates
+        micro = []
+        for idx, real, emb, pooled, x0 in batches:
+            ts, x_t = training_points(x0, levels[:-1], [seeds[j] for j in idx], T)  # (B, T), (B, T, C, h, w)
+            vfn = lambda x, t, e=emb, p=pooled: velocity(model, x, t, e, p)
+            micro.append((vfn, x_t, ts, x0, r[idx].to(device), (valid[idx] & real).float().to(device)))
+        nft = nft_step(model, params, opt, old, ema, ref, micro, valid, step, args, world)
+        mem_min, mem_max = peak_memory_over_ranks(device)
+        log.log(step + 1, **reward_stats(rewards), **nft, t_rollout=round(t1 - t0, 3), t_reward=round(t2 - t1, 3),
+                t_train=round(time.time() - t2, 3), mem_gb_min=mem_min, mem_gb_max=mem_max)
+
         done = step + 1
-        if test and args.eval_every and (every(done, args.eval_every) or done == args.steps):
-            elog.log(done, **evaluate(args, gen, model, params, ema, test, scorer, done, rank, world))
+        if test and (every(done, args.eval_every) or done == args.steps):
+            evaluate(done)
         if every(done, args.save_every) or done == args.steps:  # the last step too: --resume after the end is a no-op
             save_checkpoint(out, model, params, opt, old, ema, done, rank)
             if rank == 0:
-                write_pictures(out, test, args.grid_prompts)
+                write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_gen --reward {args.reward}")
+        if args.stop_after is not None and done >= start + args.stop_after:
+            print0(f"stopping after {args.stop_after} steps (--stop-after), as if killed")
+            return cleanup_dist()
 
-    # the saved policy: the EMA weights, in the format diffusers loads
+    # Save: the EMA weights, in the format diffusers loads
     evals = read_jsonl_resumable(out / "eval.jsonl") if rank == 0 else []
-    sidecar = {"base_model": str(args.model), "step": args.steps, "args": vars(args),
-               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
-               "last_train": (read_jsonl_resumable(out / "metrics.jsonl") or [None])[-1] if rank == 0 else None}
+    sidecar = {"base_model": str(args.model), "step": args.steps, "weights": "EMA", "args": vars(args),
+               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None}
     save_policy(out, gen, model, params, ema, args, rank, sidecar)
     if rank == 0:
-        write_pictures(out, test, args.grid_prompts)
-        if evals:
-            a, b = evals[0], evals[-1]
-            print0(f"held-out, steps {a['step']} -> {b['step']}: reward {a['eval_reward']:.3f} -> {b['eval_reward']:.3f} | "
-                   f"pixel judge {a['eval_judge']:.3f} -> {b['eval_judge']:.3f} (objects {a['eval_objects']:.3f} -> "
-                   f"{b['eval_objects']:.3f}, background {a['eval_background']:.3f} -> {b['eval_background']:.3f})")
-        print0(f"wrote {out}/{'transformer' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, metrics.jsonl, "
-               f"reward_curve.png, samples_grid.png")
+        write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_gen --reward {args.reward}")
+        print0(held_out_summary(evals))
+        print0(f"wrote {out}: {'transformer/' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, metrics.jsonl, "
+               "eval.jsonl, reward_curve.png, samples_grid.png")
     cleanup_dist()
 
 

@@ -37,9 +37,10 @@ def tiny_setup(tmp):
         sys.exit("run `python curate.py` first (it writes runs/mini/data)")
     if not (model / "model_index.json").is_file():
         model = Path(tmp) / "gen"
-        subprocess.run([sys.executable, "toy.py", "pretrain-gen", "--out", str(model), "--steps", "20"], cwd=ROOT, check=True,
+        subprocess.run([sys.executable, "-m", "toy", "pretrain-gen", "--out", str(model), "--steps", "20"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
-    return ["--preset", "mini", "--model", str(model), "--prompts", str(prompts), "--reward", "pixel"]
+    return ["--preset", "mini", "--model", str(model), "--prompts", str(prompts), "--reward-model", "toy.judges:pixel",
+            "--reward-image-size", "0"]
 
 
 def run(world, rl_args, out, args):

@@ -185,7 +185,7 @@ def rl_gen_args(sd35, qwen3vl, data, out, *extra):
             "--eval-prompts", "2", "--reward-model", str(qwen3vl),
             "--reward-method", "expected", "--out", str(out), "--resolution", str(RES), "--steps", "1",
             "--prompts-per-step", "2", "--group-size", "2", "--rollout-steps", "2", "--timestep-fraction", "0.5",
-            "--rollout-batch", "4", "--train-batch", "4", "--reward-batch", "4", "--reward-max-new-tokens", "8", *extra]
+            "--micro-batch", "4", "--reward-batch", "4", "--reward-max-new-tokens", "8", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def rl_gen_out(sd35, qwen3vl, data, tmp_path_factory):
 
 def check_rl_gen_out(out):
     (row,) = rows(out / "metrics.jsonl")
-    assert row["parse_fail"] == 0 and math.isfinite(row["loss"]) and math.isfinite(row["reward"])
+    assert row["reward_fail"] == 0 and math.isfinite(row["loss"]) and math.isfinite(row["reward"])
     assert [r["step"] for r in rows(out / "eval.jsonl")] == [0, 1] and math.isfinite(rows(out / "eval.jsonl")[-1]["eval_reward"])
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
@@ -234,7 +234,8 @@ def test_rl_gen_under_torchrun_trains_on_the_sd35_layout(sd35, qwen3vl, data, tm
 
 
 def rl_edit_args(qwen_edit, qwen3vl, data, out, *extra):
-    return ["--model", str(qwen_edit), "--prompts", str(data["edit_prompts"]), "--reward-model", str(qwen3vl),
+    return ["--model", str(qwen_edit), "--prompts", str(data["edit_prompts"]), "--test-prompts", str(data["edit_prompts"]),
+            "--reward-model", str(qwen3vl),
             "--reward-method", "expected", "--out", str(out), "--resolution", str(RES), "--steps", "1",
             "--prompts-per-step", "2", "--group-size", "2", "--rollout-steps", "2", "--timestep-fraction", "0.5",
             "--micro-batch", "4", "--reward-batch", "4", "--reward-max-new-tokens", "8", "--eval-prompts", "1", "--grid-prompts", "1",
@@ -251,7 +252,7 @@ def rl_edit_out(qwen_edit, qwen3vl, data, tmp_path_factory):
 
 def check_rl_edit_out(out):
     last = rows(out / "metrics.jsonl")[-1]
-    assert last["step"] == 1 and last["parse_failures"] == 0 and math.isfinite(last["loss"])
+    assert last["step"] == 1 and last["reward_fail"] == 0 and math.isfinite(last["loss"])
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "samples_grid.png").is_file()
 
 
@@ -365,7 +366,7 @@ def test_bench_critics_tables_the_qwen3_vl_layout_as_a_critic(qwen3vl, data, tmp
 def test_bench_policy_gen_compares_the_sd35_layout_with_its_rl_gen_lora(rl_gen_out, sd35, qwen3vl, data, tmp_path):
     import bench
     bench.main(["policy", "--kind", "gen", "--base", str(sd35), "--tuned", f"firm={rl_gen_out}", "--prompts",
-                str(data["gen_prompts"]), "--judge", f"critic:{qwen3vl}", "--samples-per-prompt", "1", "--steps", "2",
+                str(data["gen_prompts"]), "--judge", str(qwen3vl), "--samples-per-prompt", "1", "--steps", "2",
                 "--limit", "1", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "policy.json").read_text())
     assert {v: res["variants"][v]["n"] for v in ("base", "firm")} == {"base": 1, "firm": 1}
@@ -376,7 +377,7 @@ def test_bench_policy_edit_compares_the_qwen_image_edit_layout_with_its_rl_edit_
                                                                                      tmp_path):
     import bench
     bench.main(["policy", "--kind", "edit", "--base", str(qwen_edit), "--tuned", f"firm={rl_edit_out}", "--prompts",
-                str(data["edit_prompts"]), "--judge", f"critic:{qwen3vl}", "--samples-per-prompt", "1", "--steps", "2",
+                str(data["edit_prompts"]), "--judge", str(qwen3vl), "--samples-per-prompt", "1", "--steps", "2",
                 "--limit", "1", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "policy.json").read_text())
     assert {v: res["variants"][v]["n"] for v in ("base", "firm")} == {"base": 1, "firm": 1}

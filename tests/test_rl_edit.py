@@ -7,12 +7,12 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import common
 import rl_edit
 import toy
 
@@ -154,21 +154,22 @@ def test_noise_levels_follow_the_scheduler_shift_and_end_at_zero(editor):
 
 
 def test_batches_are_padded_so_every_rank_runs_as_many_forwards():
-    keys = [(32, 32)] * 5  # 5 samples over 2 ranks, micro-batch 2: rank 0 has 3 samples (2 batches), rank 1 has 2 (1)
-    p0, p1 = (rl_edit.plan_batches(keys, r, 2, 2) for r in (0, 1))
-    assert [b for b, _ in p0] == [[0, 2], [4]] and [real for _, real in p0] == [True, True]
-    assert len(p1) == 2 and p1[0] == ([1, 3], True) and p1[1][1] is False
+    keys = [(32, 32)] * 3 + [(32, 16)] * 2  # 5 samples over 2 ranks, micro-batch 2, two working sizes
+    p0, p1 = (common.rank_batches(keys, r, 2, 2) for r in (0, 1))
+    assert p0 == [([0, 1], True)] + [([0, 1], False)]  # rank 0: samples 0-1, one shape, padded to rank 1's count
+    assert p1 == [([2], True), ([3, 4], True)]  # rank 1: samples 2-4, one batch per working size
 
 
 def test_an_unchanged_image_earns_0_under_cme_and_half_under_the_naive_sum(mini_data):
-    # the fusion ablation with perfect perception: E = pixel judge "edited", C = "kept" (Rewarder, pixel-*)
-    recs = rl_edit.load_prompt_records(mini_data / "rl" / "edit_train.jsonl")[:2]
+    # the fusion ablation with perfect perception: the world's pixel judge as the critic (E = edited, C = kept)
+    from reward import open_critic
+    recs = rl_edit.load_prompts(mini_data / "rl" / "edit_train.jsonl")[:2]
     srcs = [rl_edit.load_image(r["image_path"]) for r in recs]
     targets = [toy.render(toy.Scene.from_dict(r["toy"]["target_scene"]), 64) for r in recs]
-    score = lambda fusion, ims: rl_edit.Rewarder(SimpleNamespace(reward=fusion, reward_method="generate"), "cpu").score(recs, srcs, ims)[0]
-    assert score("pixel-cme", srcs) == [0.0, 0.0] and score("pixel-sum55", srcs) == [0.5, 0.5]
-    assert score("pixel-sum64", srcs) == [pytest.approx(0.4)] * 2
-    assert score("pixel-cme", targets) == [1.0, 1.0] and score("pixel", targets) == [1.0, 1.0]
+    judge = open_critic("toy.judges:pixel")
+    score = lambda fusion, ims: rl_edit.score(judge, fusion, recs, srcs, ims)
+    assert score("cme", srcs) == [0.0, 0.0] and score("sum55", srcs) == [0.5, 0.5]
+    assert score("sum64", srcs) == [pytest.approx(0.4)] * 2 and score("cme", targets) == [1.0, 1.0]
 
 
 def test_pretrain_edit_cli_writes_a_directory_that_diffusers_and_load_editor_open(tmp_path):
@@ -191,13 +192,13 @@ def test_malformed_prompt_records_name_the_file_record_and_field(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"id": "a", "prompt": "", "image": "x.png"}) + "\n")
     with pytest.raises(rl_edit.DataError, match=r"p.jsonl:1: field 'prompt' must be a non-empty string"):
-        rl_edit.load_prompt_records(f)
+        rl_edit.load_prompts(f)
     f.write_text(json.dumps({"id": "a", "prompt": "Make it red.", "image": "missing.png"}) + "\n")
     with pytest.raises(rl_edit.DataError, match="field 'image'.*missing.png not found"):
-        rl_edit.load_prompt_records(f)
+        rl_edit.load_prompts(f)
     f.write_text(json.dumps({"id": "a", "image": "x.png"}) + "\n")
     with pytest.raises(rl_edit.DataError, match="missing field 'prompt'"):
-        rl_edit.load_prompt_records(f)
+        rl_edit.load_prompts(f)
 
 
 # -----------------------------------------------------------------------------
@@ -207,8 +208,8 @@ def test_malformed_prompt_records_name_the_file_record_and_field(tmp_path):
 def rl_args(editor_dir, mini_data, out, *extra):
     rl = mini_data / "rl"
     return rl_edit.get_args(["--model", str(editor_dir), "--prompts", str(rl / "edit_train.jsonl"),
-                             "--test-prompts", str(rl / "edit_test.jsonl"), "--out", str(out), "--reward", "pixel",
-                             "--prompts-per-step", "2", "--group-size", "3", "--micro-batch", "4", "--rollout-steps", "3",
+                             "--test-prompts", str(rl / "edit_test.jsonl"), "--out", str(out), "--reward-model", "toy.judges:pixel",
+                             "--eval-judge", "toy.judges:pixel", "--prompts-per-step", "2", "--group-size", "3", "--micro-batch", "4", "--rollout-steps", "3",
                              "--timestep-fraction", "0.34", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2",
                              "--eval-prompts", "2", "--eval-every", "100", "--save-every", "1", "--threads", "1", *extra])
 
@@ -225,14 +226,14 @@ def straight_run(editor_dir, mini_data, tmp_path_factory):
     return out
 
 
-def test_two_rl_steps_log_rewards_grids_and_a_before_after_summary(straight_run):
+def test_two_rl_steps_log_rewards_evaluations_and_pictures(straight_run):
     rows = [json.loads(l) for l in open(straight_run / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [0, 1, 2] and 0 <= rows[1]["reward"] <= 1 and rows[1]["parse_failures"] == 0
-    assert rows[0]["eval_pixel"] == rows[0]["eval_reward"]  # --reward pixel: the judge is the reward
+    assert [r["step"] for r in rows] == [1, 2] and 0 <= rows[0]["reward"] <= 1 and rows[0]["reward_fail"] == 0
+    evals = [json.loads(l) for l in open(straight_run / "eval.jsonl")]
+    assert [r["step"] for r in evals] == [0, 2] and evals[0]["eval_judge"] == evals[0]["eval_reward"]  # the judge is the reward
     assert (straight_run / "samples_grid.png").is_file() and (straight_run / "reward_curve.png").is_file()
-    summary = json.loads((straight_run / "rl_edit.json").read_text())
-    assert set(summary["before"]) >= {"eval_reward", "eval_edited", "eval_kept", "eval_change"}
-    assert summary["after"]["eval_pixel"] == rows[2]["eval_pixel"] and summary["noop"]["kept"] == 1.0
+    side = json.loads((straight_run / "pytorch_lora_weights.json").read_text())
+    assert side["eval_before"] == evals[0] and side["eval_after"] == evals[-1]
 
 
 def test_the_saved_lora_loads_with_our_loader_and_with_diffusers(editor_dir, straight_run):
@@ -255,7 +256,7 @@ def test_a_killed_run_resumes_to_the_same_weights(editor_dir, mini_data, straigh
     rl_edit.main(rl_args(editor_dir, mini_data, tmp_path, "--steps", "2", "--resume"))
     a, b = lora_file(straight_run), lora_file(tmp_path)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 def test_critic_parse_failures_are_counted_and_dropped_not_fatal(editor_dir, mini_data, critic_base, tmp_path):
@@ -265,7 +266,9 @@ def test_critic_parse_failures_are_counted_and_dropped_not_fatal(editor_dir, min
     rl_edit.main(args)
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     # an untrained critic answers gibberish: every reward fails to parse, nothing is trained on, nothing crashes
-    assert rows[1]["parse_failures"] == 4 and rows[1]["reward"] is None and rows[0]["eval_parse_failures"] == 2
+    evals = [json.loads(l) for l in open(out / "eval.jsonl")]
+    assert rows[0]["reward_fail"] == 4 and rows[0]["reward"] is None and rows[0]["loss"] is None
+    assert evals[0]["eval_reward_fail"] == 2 and evals[0]["eval_judge_fail"] == 0
 
 
 def test_torchrun_with_2_processes_gives_the_single_process_result(editor_dir, mini_data, tmp_path):
@@ -275,13 +278,14 @@ def test_torchrun_with_2_processes_gives_the_single_process_result(editor_dir, m
     rl = mini_data / "rl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "rl_edit.py"),
            "--model", str(editor_dir), "--prompts", str(rl / "edit_train.jsonl"), "--test-prompts", str(rl / "edit_test.jsonl"),
-           "--out", str(tmp_path / "two"), "--reward", "pixel", "--rollout-steps", "3", "--timestep-fraction", "0.34",
+           "--out", str(tmp_path / "two"), "--reward-model", "toy.judges:pixel", "--eval-judge", "toy.judges:pixel", "--rollout-steps", "3", "--timestep-fraction", "0.34",
            "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--threads", "1", *flags]
     r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = ([json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two"))
-    assert two[1]["reward"] == pytest.approx(one[1]["reward"], abs=1e-6)  # per-sample seeds: the same edits
-    assert two[1]["eval_pixel"] == pytest.approx(one[1]["eval_pixel"], abs=1e-6)
+    assert two[0]["reward"] == pytest.approx(one[0]["reward"], abs=1e-6)  # per-sample seeds: the same edits
+    e1, e2 = ([json.loads(l) for l in open(tmp_path / d / "eval.jsonl")] for d in ("one", "two"))
+    assert e2[-1]["eval_judge"] == pytest.approx(e1[-1]["eval_judge"], abs=1e-6)
     a, b = lora_file(tmp_path / "one"), lora_file(tmp_path / "two")  # rank 0 wrote the gathered adapters
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 

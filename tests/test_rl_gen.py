@@ -148,7 +148,7 @@ def test_ema_update_in_place():
 # the update both RL scripts take (rl_gen.nft_step), on a stand-in velocity network
 
 
-def _update_setup(kl_weight=1e-4, adv_clip=5.0):
+def _update_setup(kl_weight=1e-4):
     from types import SimpleNamespace
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 4)
@@ -157,7 +157,7 @@ def _update_setup(kl_weight=1e-4, adv_clip=5.0):
     old, ema, ref = common.clone_weights(params), common.clone_weights(params), common.clone_weights(params)
     x0, x_t, ts = torch.randn(3, 4), torch.randn(3, 2, 4), torch.rand(3, 2) * 0.8 + 0.1
     micro = [(lambda x, t: net(x), x_t, ts, x0, torch.tensor([0.9, 0.1, 0.5]), torch.ones(3))]
-    args = SimpleNamespace(nft_beta=1.0, kl_weight=kl_weight, adv_clip=adv_clip, grad_clip=1.0)
+    args = SimpleNamespace(nft_beta=1.0, kl_weight=kl_weight, grad_clip=1.0)
     return net, params, opt, old, ema, ref, micro, args
 
 
@@ -165,7 +165,8 @@ def test_a_step_without_any_reward_changes_nothing():
     # AdamW on a zero gradient would still move the weights (momentum, weight decay): the step is skipped whole
     net, params, opt, old, ema, ref, micro, args = _update_setup()
     before = common.clone_weights(params)
-    assert R.nft_step(net, params, opt, old, ema, ref, micro, 0, 0, args, 1) is None
+    logged = R.nft_step(net, params, opt, old, ema, ref, micro, torch.zeros(3, dtype=torch.bool), 0, args, 1)
+    assert logged == {"loss": None, "nft": None, "kl": None, "grad_norm": None}
     assert all(torch.equal(a, b) for a, b in zip(params, before)) and not opt.state
     assert all(torch.equal(a, b) for w in (old, ema) for a, b in zip(w, before))
 
@@ -173,24 +174,50 @@ def test_a_step_without_any_reward_changes_nothing():
 def test_soft_updates_count_the_optimizer_steps_done():
     net, params, opt, old, ema, ref, micro, args = _update_setup()
     old0, step = common.clone_weights(params), 7
-    R.nft_step(net, params, opt, old, ema, ref, micro, 3, step, args, 1)
+    R.nft_step(net, params, opt, old, ema, ref, micro, torch.ones(3, dtype=torch.bool), step, args, 1)
     d_old, d_ema = R.old_policy_decay(step + 1), R.ema_decay(step + 1)  # 0.008 and 9/18 (release: post-increment)
     assert d_old == pytest.approx(0.008) and d_ema == pytest.approx(0.5)
     for p, o, e, p0 in zip(params, old, ema, old0):
         assert torch.allclose(o, d_old * p0 + (1 - d_old) * p.detach()) and torch.allclose(e, d_ema * p0 + (1 - d_ema) * p.detach())
 
 
-def test_the_loss_scale_is_the_advantage_clip():
-    sums = {}
-    for clip in (5.0, 2.0):
-        net, params, opt, old, ema, ref, micro, args = _update_setup(kl_weight=0.0, adv_clip=clip)
-        sums[clip] = R.nft_step(net, params, opt, old, ema, ref, micro, 3, 0, args, 1)[1].item()
-    assert sums[2.0] == pytest.approx(sums[5.0] * 2 / 5)
+def test_the_loss_scale_and_the_advantage_clip_are_one_number():
+    import inspect
+    default = lambda f, name: inspect.signature(f).parameters[name].default
+    assert default(R.nft_loss, "scale") == default(R.group_advantages, "clip") == default(R.optimality_probability, "clip") == R.ADV_CLIP == 5.0
+    v, v_old, x_t, x0, t = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0.3, 0.7])
+    assert torch.allclose(R.nft_loss(v, v_old, x_t, x0, t, torch.tensor([1.0, 0.0])),
+                          R.nft_loss(v, v_old, x_t, x0, t, torch.tensor([1.0, 0.0]), scale=1.0) * 5)
 
 
-def test_both_rl_scripts_take_the_same_update():
+def _update_path(module, rewards, groups, x0, levels, seeds, T):
+    """One RL step's steps 3-5 as the script `module` takes them (its own imported names), on a stand-in network."""
+    net, params, opt, old, ema, ref, _, args = _update_setup()
+    r, valid = module.optimality_targets(rewards, groups)
+    ts, x_t = module.training_points(x0, levels, seeds, T)
+    micro = [(lambda x, t: net(x), x_t, ts, x0, r, valid.float())]
+    logged = module.nft_step(net, params, opt, old, ema, ref, micro, valid, 0, args, 1)
+    return [p.detach().clone() for p in (*params, *ema, *old)], logged
+
+
+def test_the_same_stand_in_model_through_both_scripts_update_paths_ends_with_identical_parameters():
     import rl_edit
-    assert rl_edit.nft_step is R.nft_step  # one update: rl_edit has no inline copy to drift apart
+    rewards, groups = [0.1, 0.9, None, 0.4, 0.6, 0.2], [0, 0, 0, 1, 1, 1]  # one failed reward: weight 0
+    x0, levels = torch.randn(6, 4), torch.tensor([1.0, 0.8, 0.5, 0.2], dtype=torch.float64)
+    seeds = [common.sample_seed(0, 0, j) for j in range(6)]
+    gen, logged_gen = _update_path(R, rewards, groups, x0, levels, seeds, 2)
+    edit, logged_edit = _update_path(rl_edit, rewards, groups, x0, levels, seeds, 2)
+    assert all(torch.equal(a, b) for a, b in zip(gen, edit)) and logged_gen == logged_edit
+    assert logged_gen["loss"] is not None and math.isfinite(logged_gen["loss"])
+
+
+def test_training_points_use_the_rollouts_own_levels_and_depend_on_the_seed_only():
+    x0, levels = torch.randn(3, 2, 4), torch.tensor([1.0, 0.8, 0.5, 0.2], dtype=torch.float64)
+    ts, x_t = R.training_points(x0, levels, [7, 8, 9], 3)
+    assert ts.shape == (3, 3) and x_t.shape == (3, 3, 2, 4)
+    assert all(sorted(row.tolist()) == sorted(set(row.tolist())) and set(row.tolist()) <= set(levels.float().tolist()) for row in ts)
+    ts1, x_t1 = R.training_points(x0[1:2], levels, [8], 3)  # sample 8 alone: the same levels and noise
+    assert torch.equal(ts1[0], ts[1]) and torch.allclose(x_t1[0], x_t[1])
 
 
 def test_x0_from_v_inverts_the_interpolation():
@@ -265,26 +292,24 @@ def test_sampler_reproduces_the_closed_form_gaussian_flow_and_beats_euler():
 
 
 # -----------------------------------------------------------------------------
-# prompts and ranks
+# prompts and ranks (common.py's RL plumbing)
 
 
 def test_each_prompt_is_used_once_per_epoch_and_the_schedule_is_deterministic():
-    steps = [R.step_prompts(10, 5, s, seed=3) for s in range(4)]
+    steps = [common.step_prompts(10, 5, s, seed=3) for s in range(4)]
     assert sorted(steps[0] + steps[1]) == list(range(10)) and sorted(steps[2] + steps[3]) == list(range(10))
-    assert steps == [R.step_prompts(10, 5, s, seed=3) for s in range(4)]
+    assert steps == [common.step_prompts(10, 5, s, seed=3) for s in range(4)]
 
 
 def test_group_size_need_not_divide_the_world():
-    n, world = 3 * 4, 5  # 3 prompts x 4 samples on 5 ranks
-    slices = [R.rank_slice(n, r, world) for r in range(world)]
-    assert [i for lo, hi in slices for i in range(lo, hi)] == list(range(n))
-    padded = [R.padded_slice(n, r, world) for r in range(world)]
-    assert len({len(idx) for idx, _ in padded}) == 1  # same number of forward passes on every rank
-    assert sum(k for _, k in padded) == n
+    n, world = 3 * 4, 5  # 3 prompts x 4 samples on 5 ranks, micro-batch 2
+    plans = [common.rank_batches([0] * n, r, world, 2) for r in range(world)]
+    assert sorted(j for p in plans for b, real in p if real for j in b) == list(range(n))  # each sample once
+    assert len({len(p) for p in plans}) == 1  # the same number of forward passes on every rank
 
 
 def test_sample_seeds_depend_on_global_ids_only():
-    assert R.sample_seed(0, 3, 17) == R.sample_seed(0, 3, 17) != R.sample_seed(0, 3, 18)
+    assert common.sample_seed(0, 3, 17) == common.sample_seed(0, 3, 17) != common.sample_seed(0, 3, 18)
 
 
 def test_critic_parse_failures_become_none_not_a_number():
@@ -300,23 +325,11 @@ def test_critic_parse_failures_become_none_not_a_number():
             good = Judgement([4] if mode == "instruction" else [5, 4, 3], "ok", True)
             return [good if i % 2 == 0 else Judgement(None, "garbage", False, "no score found") for i in range(len(items))]
 
-    args = R.get_args(["--model", "m", "--prompts", "p", "--reward", "qma", "--reward-image-size", "64"])
     critic = HalfBrokenCritic()
-    rewards, judge = R.compute_rewards(args, critic, [Image.new("RGB", (32, 32))] * 3, [{"prompt": "a red circle"}] * 3)
-    assert rewards == [qma(4, [5, 4, 3]), None, qma(4, [5, 4, 3])] and judge == [None] * 3
+    rewards = R.score(critic, "qma", [{"prompt": "a red circle"}] * 3, [Image.new("RGB", (32, 32))] * 3, size=64)
+    assert rewards == [qma(4, [5, 4, 3]), None, qma(4, [5, 4, 3])]
     assert set(critic.sizes) == {(64, 64)}  # upsampled for the critic
     assert math.isnan(R.group_advantages(rewards, [0, 0, 0])[1])
-
-
-def test_pixel_reward_gives_an_empty_canvas_nothing_while_the_sum_gives_it_half():
-    import toy
-    scene = toy.Scene("white", [toy.Obj(0, "circle", "red", "large", 1, 1)])
-    rec = {"prompt": toy.gen_prompt(scene), "toy": {"scene": scene.to_dict()}}
-    perfect, empty = toy.render(scene, 32), toy.render(toy.Scene("white"), 32)
-    for reward, want in (("pixel", [1.0, 0.0]), ("pixel-sum", [1.0, 0.5])):
-        args = R.get_args(["--model", "m", "--prompts", "p", "--reward", reward])
-        rewards, judge = R.compute_rewards(args, None, [perfect, empty], [rec, rec])
-        assert rewards == pytest.approx(want) and judge == pytest.approx([1.0, 0.0])  # the judge is the product too
 
 
 # -----------------------------------------------------------------------------
@@ -335,9 +348,8 @@ def tiny(tmp_path_factory, mini_data):
 def _args(tiny, out, *extra):
     root, train, test = tiny
     return ["--preset", "mini", "--model", str(root / "gen"), "--prompts", str(train), "--test-prompts", str(test),
-            "--reward", "pixel", "--out", str(out), "--prompts-per-step", "2", "--group-size", "3", "--rollout-steps", "3",
-            "--timestep-fraction", "0.67", "--eval-prompts", "3", "--eval-every", "1", "--rollout-batch", "4",
-            "--train-batch", "4", *extra]
+            "--reward-model", "toy.judges:pixel", "--reward-image-size", "0", "--out", str(out), "--prompts-per-step", "2", "--group-size", "3", "--rollout-steps", "3",
+            "--timestep-fraction", "0.67", "--eval-prompts", "3", "--eval-every", "1", "--micro-batch", "4", *extra]
 
 
 def test_rl_step_runs_saves_resumes_identically_and_the_lora_loads_into_diffusers(tiny):
@@ -387,7 +399,7 @@ def test_torchrun_two_ranks_train_the_same_policy_as_one(tiny, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     R.main(R.get_args(_args(tiny, tmp_path / "one", *args)))
     two, one = ([json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("two", "one"))
-    assert len(two) == 1 and two[0]["parse_fail"] == 0 and two[0]["reward"] == one[0]["reward"]  # same samples
+    assert len(two) == 1 and two[0]["reward_fail"] == 0 and two[0]["reward"] == one[0]["reward"]  # same samples
     a, b = (load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in ("two", "one"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # up to summation order
 

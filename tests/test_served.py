@@ -8,7 +8,6 @@ step, not the run; rl_gen, rl_edit, bench and curate score through it; the API k
 
 import http.server
 import json
-import math
 import random
 import threading
 
@@ -140,13 +139,13 @@ def gen_args(gen, mini_data, out, critic, *extra):
                             "--test-prompts", str(rl / "gen_test.jsonl"), "--reward", "qma", "--reward-model", critic,
                             "--reward-max-new-tokens", str(TOKENS), "--out", str(out), "--prompts-per-step", "2",
                             "--group-size", "2", "--rollout-steps", "2", "--timestep-fraction", "0.5", "--eval-prompts",
-                            "2", "--eval-every", "1", "--rollout-batch", "4", "--train-batch", "4", *extra])
+                            "2", "--eval-every", "1", "--micro-batch", "4", *extra])
 
 
 def test_rl_gen_runs_steps_against_the_served_critic(server, tiny_gen, mini_data, tmp_path):
     rl_gen.main(gen_args(tiny_gen, mini_data, tmp_path / "run", server.spec, "--steps", "2"))
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2] and all(r["parse_fail"] == 4 for r in rows)  # the untrained critic
+    assert [r["step"] for r in rows] == [1, 2] and all(r["reward_fail"] == 4 for r in rows)  # the untrained critic
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -161,7 +160,7 @@ def test_a_critic_server_that_dies_mid_run_skips_steps_and_the_run_goes_on(criti
     monkeypatch.setattr(reward.time, "sleep", lambda s: None)
     rl_gen.main(gen_args(tiny_gen, mini_data, tmp_path / "run", srv.spec, "--steps", "2"))
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2] and all(r["parse_fail"] == 4 and math.isnan(r["reward"]) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["reward_fail"] == 4 and r["reward"] is None for r in rows)
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()  # the run finished and saved
     assert "4 of 4 rewards failed (8 not answered by the server): " in capsys.readouterr().out  # and said why
 
@@ -181,9 +180,9 @@ def test_rl_edit_scores_through_the_served_critic_and_its_key_reaches_no_file_an
                                    "--group-size", "2", "--micro-batch", "2", "--rollout-steps", "2", "--eval-steps", "2",
                                    "--eval-prompts", "1", "--eval-every", "100", "--steps", "1", "--threads", "1"]))
     rows = read_jsonl(out / "metrics.jsonl")
-    assert rows[-1]["step"] == 1 and rows[-1]["parse_failures"] == 2  # scored by the server: garbage, counted
+    assert rows[-1]["step"] == 1 and rows[-1]["reward_fail"] == 2  # scored by the server: garbage, counted
     files = [f for f in out.rglob("*") if f.is_file()]
-    assert {"rl_edit_args.json", "rl_edit.json", "pytorch_lora_weights.json"} <= {f.name for f in files}
+    assert {"eval.jsonl", "metrics.jsonl", "pytorch_lora_weights.json"} <= {f.name for f in files}
     assert not [f for f in files if secret.encode() in f.read_bytes()]
     logged = capfd.readouterr()
     assert secret not in logged.out + logged.err
