@@ -1,38 +1,37 @@
-"""FIRM critics as rewards (Sec 3.4): scoring prompts, robust score parsing, CME / QMA fusion, and critic
-inference, in this process or through an inference engine that serves the critic.
+"""FIRM critics as rewards (Sec 3.4): scoring prompts, robust score parsing, CME / QMA fusion, critic inference.
 
     python reward.py score --model runs/mini/models/edit-critic --input runs/mini/data/bench/edit_execution.jsonl \\
         --out runs/mini/bench/edit_execution_judgments.jsonl            # a JSONL of items -> judgements (+ MAE)
     vllm serve /ckpt/FIRM-Edit-8B --served-model-name firm-edit --port 8000          # the critic on its own GPUs
     python reward.py score --model http://critic-host:8000/v1#firm-edit --input ... --out ...
 
-A critic is named one way in every script (`open_critic`): a model directory, scored in process (`Critic`:
-batched generation, the digit-probability mode), or an OpenAI-compatible endpoint `http(s)://host:port/v1`
-with its served model name after `#` (`ServedCritic`: vLLM, SGLang, `transformers serve`; many requests in
-flight, retries, the key from $FIRM_CRITIC_API_KEY). Both have score(mode, items, method, samples) -> one
-Judgement per item, so `edit_rewards(critic, items)` / `gen_rewards(...)` take either.
+Every script names a critic by one spec (`open_critic`): a model directory (`Critic`, scored in this process), an
+OpenAI-compatible endpoint `http(s)://host:port/v1[#served model name]` (`ServedCritic`: vLLM, SGLang, `transformers
+serve`; the key from $FIRM_CRITIC_API_KEY), or a Python factory `package.module:name` (e.g. the miniature world's `toy.judges:pixel`), called with no
+arguments. Each has score(mode, items, method, samples) -> one Judgement per item, so `edit_rewards(critic, items)`
+and `gen_rewards(...)` take any of them.
 
 Departures from the paper and its release:
   1. The critic is served by an inference engine through the standard chat API (the release serves it with its
      own pickle-over-HTTP server, and a pickle lets any client run code on the server).
-  2. A parse failure is reported with the raw text and counted, never turned into a score (the release
-     returns 0). The RL caller picks what it means: drop the sample from its group or give it reward 0.
-  3. Beyond the paper: method "expected", the expected score sum_k k p(k) over the digit tokens 1-5 at the
-     score position of an answer whose reasoning is skipped (a teacher-forced prefix, ANSWER_PREFIX): one
-     forward pass per score instead of ~100 generated tokens, and continuous. The release has a similar
-     "logits_non_cot" server (digit logits at the first answer token). In process only: the chat API gives no
-     digit probabilities after a forced prefix. It asks the critic for a snap judgement it was never trained
-     to give: benchmarks/bench_reward.py measures how far it lies from the generated score before you trust it.
+  2. A parse failure is reported with the raw text and counted, never turned into a score (the release returns 0).
+     The RL caller picks what it means: drop the sample from its group or give it reward 0.
+  3. Beyond the paper: method "expected", the expected score sum_k k p(k) over the digit tokens 1-5 after a
+     teacher-forced answer prefix that skips the reasoning (ANSWER_PREFIX): one forward pass per score instead of
+     ~100 generated tokens, and continuous (the release's "logits_non_cot" server is similar). In process only: the
+     chat API gives no digit probabilities after a forced prefix. It asks for a snap judgement the critic was never
+     trained to give: benchmarks/bench_reward.py measures how far it lies from the generated score.
   4. Beyond the paper: samples=N, EditScore-style self-ensembling (mean of N sampled answers).
   5. Scores are normalised as (s - 1) / 4, as the release's CME config ("range_1_5") and gen reward do.
-  6. Answer limits per mode are the release's (MAX_NEW_TOKENS: 256 edit, 8192 gen); an answer that hits the
-     limit without a score is counted as "cut", apart from other parse failures.
+  6. Answer limits per mode are the release's (MAX_NEW_TOKENS: 256 edit, 8192 gen); an answer that hits the limit
+     without a score is counted as "cut", apart from other parse failures.
 """
 
 import argparse
 import base64
 import copy
 import http.client
+import importlib
 import io
 import json
 import os
@@ -49,16 +48,13 @@ import torch
 from common import DataError, append_jsonl, check_model_dir, load_image, read_jsonl_resumable, read_manifest, run_stage
 
 # -----------------------------------------------------------------------------
-# scoring prompts (our wording of the rubrics in FIRM_NOTES section 2). The critic is trained on
-# exactly these (train_reward.py reads them from the SFT files written by curate.py); a released
-# checkpoint trained on other templates is scored with --prompt-file (a JSON {mode: template}).
-# Templates are str.format templates, as the release's are: fields {instruction} / {prompt} / {requirement},
-# literal braces written {{ }}, so the release's own templates can be used unchanged.
+# scoring prompts: our wording of the rubrics in FIRM_NOTES section 2, which the critic is trained on (curate.py
+# writes them into the SFT files). str.format templates like the release's ({instruction} / {prompt} / {requirement},
+# literal braces {{ }}): a checkpoint trained on other templates is scored with --prompt-file {mode: template}.
 
 IMAGE = "<image>"  # where an image goes in a user turn (the SFT records' placeholder, LLaMA-Factory style)
-# The images follow the text they are judged against. Measured on the miniature world's 1 M-parameter Qwen3-VL:
-# it learns to restate an edit instruction written before the two images far faster than one written after them
-# (val loss after 700 steps 0.03 vs 0.18; 0.01 with no images at all).
+# The images follow the text they are judged against: the miniature world's 1 M-parameter Qwen3-VL learns to restate
+# an instruction written before the two images far faster than one after them (val loss at 700 steps 0.03 vs 0.18).
 PROMPTS = {
     "execution": (
         "You judge an image edit. Image 1 is the original, image 2 is the edited result.\n"
@@ -93,53 +89,41 @@ PROMPTS = {
 N_SCORES = {"execution": 1, "consistency": 1, "instruction": 1, "quality": 3}
 EDIT_MODES, GEN_MODES = ("execution", "consistency"), ("instruction", "quality")
 IMAGE_FIELDS = {m: ("source", "edited") if m in EDIT_MODES else ("image",) for m in N_SCORES}  # in the critic's order
-# the answer text teacher-forced by the "expected" method: the critic's own format, reasoning left empty.
-# A released checkpoint with other templates can set these in its --prompt-file ("answer_prefix": {...}).
+# the answer method "expected" teacher-forces: the critic's own format, reasoning left empty
 ANSWER_PREFIX = {"execution": '{"reasoning": "", "score": [', "consistency": '{"reasoning": "", "score": [',
                  "instruction": "\\boxed{", "quality": '{"reasoning": "", "score": ['}
 SCORE_SEP = ", "  # between the three quality scores
-
-
-# Answer length limits per mode, as the release's reward servers generate: the edit critic 256 tokens, the gen
-# critic 8192 (its prompt asks for an item-by-item checklist before the rating).
+# answer limits (tokens) of the release's reward servers; the gen critic writes an item-by-item checklist first
 MAX_NEW_TOKENS = {"execution": 256, "consistency": 256, "instruction": 8192, "quality": 8192}
 
 
 def load_prompts(path=None):
     """The default templates, replaced by any in a JSON file {mode: template, "answer_prefix": {mode: str}}."""
     prompts = dict(PROMPTS, answer_prefix=dict(ANSWER_PREFIX))
-    if path:
-        user = json.loads(Path(path).read_text())
-        prompts["answer_prefix"].update(user.pop("answer_prefix", {}))
-        if set(user) - set(PROMPTS):
-            raise ValueError(f"{path}: unknown scoring mode(s) {sorted(set(user) - set(PROMPTS))}; "
-                             f"expected some of {sorted(PROMPTS)}")
-        for mode, template in user.items():  # fail at load, not at the first item
-            try:
-                template.format(instruction="", prompt="", requirement="")
-            except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"{path}: template {mode!r} is not a str.format template with the fields {{instruction}}, "
-                                 f"{{prompt}}, {{requirement}} ({type(e).__name__}: {e}); write literal braces as {{{{ }}}}") from None
-        prompts.update(user)
-    return prompts
+    user = json.loads(Path(path).read_text()) if path else {}
+    prompts["answer_prefix"].update(user.pop("answer_prefix", {}))
+    if set(user) - set(PROMPTS):
+        raise ValueError(f"{path}: unknown scoring mode(s) {sorted(set(user) - set(PROMPTS))}; "
+                         f"expected some of {sorted(PROMPTS)}")
+    for mode, template in user.items():  # fail at load, not at the first item
+        try:
+            template.format(instruction="", prompt="", requirement="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{path}: template {mode!r} is not a str.format template with the fields {{instruction}}, "
+                             f"{{prompt}}, {{requirement}} ({type(e).__name__}: {e}); write literal braces as {{{{ }}}}") from None
+    return prompts | user
 
 
 def build_prompt(mode, text="", requirement=None, prompts=PROMPTS):
-    """The user turn for one item, with an IMAGE marker where each image goes (source, then edited).
-
-    `text` is the edit instruction or the generation prompt. A template without markers (e.g. a released
-    checkpoint's, from --prompt-file) gets its images first, as the Qwen chat convention has them.
-    """
-    req = f"Requirement: {requirement}\n" if requirement else ""
-    template = mark_images(prompts[mode], len(IMAGE_FIELDS[mode]), f"the {mode!r} prompt")
-    turn = template.format(instruction=text, prompt=text, requirement=req)
-    return mark_images(turn, len(IMAGE_FIELDS[mode]), f"the {mode!r} prompt with its text")
+    """The user turn for one item (text: the edit instruction or the generation prompt), an IMAGE marker per image."""
+    req, n = f"Requirement: {requirement}\n" if requirement else "", len(IMAGE_FIELDS[mode])
+    turn = mark_images(prompts[mode], n, f"the {mode!r} prompt").format(instruction=text, prompt=text, requirement=req)
+    return mark_images(turn, n, f"the {mode!r} prompt with its text")
 
 
 def mark_images(turn, n, what="the prompt"):
     """`turn` with n IMAGE markers: as given, or all first when it has none (the Qwen chat convention)."""
-    if IMAGE not in turn:
-        turn = IMAGE * n + turn
+    turn = turn if IMAGE in turn else IMAGE * n + turn
     if turn.count(IMAGE) != n:
         raise ValueError(f"{what} must mark {n} image(s) with {IMAGE!r}, found {turn.count(IMAGE)}")
     return turn
@@ -157,44 +141,28 @@ def content_parts(turn):
 
 
 def critic_messages(mode, text="", requirement=None, prompts=PROMPTS):
-    """The critic's chat for one item: the same tokens as the SFT records' user turn (curate.py writes
-    build_prompt(...) there), so the critic is scored on exactly the input it was trained on."""
+    """The critic's chat for one item: the SFT records' user turn (curate.py writes build_prompt there) exactly."""
     return [{"role": "user", "content": content_parts(build_prompt(mode, text, requirement, prompts))}]
 
 
 # -----------------------------------------------------------------------------
-# score parsing: JSON, then \boxed{}, then lenient patterns. Anything else is a failure, never a number.
+# score parsing, in the release's order (PARSE_ORDER), then lenient patterns. Anything else is a failure with its
+# reason, never a number.
 
 @dataclass
-class Parsed:
-    scores: list  # list of ints in 1..5, or None when parsing failed
-    how: str  # "json" | "boxed" | "rating" | "pattern" | "failed"
-    error: str = ""
-
-    @property
-    def ok(self):
-        return self.scores is not None
+class Judgement:
+    scores: list  # N_SCORES[mode] numbers in 1..5 (ints when parsed, floats when expected/ensembled); None = failed
+    text: str  # the critic's raw answer (ensembles: the answers joined; "expected": the digit probabilities)
+    ok: bool
+    error: str = ""  # why it failed: the parser's reason, the length limit, too little probability on the digits
+    how: str = ""  # json | boxed | rating | pattern | expected | ensemble | failed | cut | unanswered (server gone)
 
 
-def _as_scores(value, n):
-    """A "score" value (list, number, or a string "4" / "[4]" / "4, 5, 3") -> n ints in 1..5, or None."""
-    if isinstance(value, str):
-        value = value.strip().strip("[]").split(",")
-    value = value if isinstance(value, list) else [value]
-    if len(value) != n:
-        return None
-    out = []
-    for v in value:
-        if isinstance(v, str) and re.fullmatch(r"\s*[1-5](\.0+)?\s*", v):
-            v = float(v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (1, 2, 3, 4, 5):  # NaN, 3.5, 7, "x"
-            return None
-        out.append(int(v))
-    return out
-
-
+# the gen instruction score: \boxed{} first, then "Final Alignment Rating", then JSON; every other mode JSON first
+PARSE_ORDER, DEFAULT_ORDER = {"instruction": ("boxed", "rating", "json")}, ("json", "boxed")
 # (?!\d|\.\d): "45" and "4.5" are not a 4, but the full stop of "The score is 4." is fine. Runs of spaces between
 # optional tokens are matched possessively (*+): a hostile answer of "score" and 20000 spaces must not backtrack for hours.
+_RATING = r"Final Alignment Rating\s*+\**+\s*+:?\s*+\**+\s*+\[?\s*+([1-5])\s*\]?(?!\d|\.\d)"
 _PATTERNS = [
     r'"scores?"\s*+:\s*+\[?\s*+"?([1-5](?:\s*,\s*[1-5])*)(?!\d|\.\d)',  # truncated JSON: "score": [4
     r"\bscores?\s*+(?:is|of|=|:)?\s*+\[?\s*+([1-5](?:\s*,\s*[1-5])*)\s*\]?(?!\d|\.\d)",
@@ -205,77 +173,58 @@ MAX_ANSWER_CHARS = 100_000  # ~4x the longest answer the release allows (8192 to
 MAX_JSON_STARTS = 1000  # JSON objects tried per answer: bounded time on an answer made of braces
 
 
-# Which reading comes first, per mode, as the release's reward servers parse: the gen instruction score from
-# \\boxed{} first, then "Final Alignment Rating", then JSON; everything else JSON first.
-PARSE_ORDER = {"instruction": ("boxed", "rating", "json")}
-DEFAULT_ORDER = ("json", "boxed")
-_RATING = r"Final Alignment Rating\s*+\**+\s*+:?\s*+\**+\s*+\[?\s*+([1-5])\s*\]?(?!\d|\.\d)"
+def _as_scores(value, n):
+    """A "score" value (list, number, or a string "4" / "[4]" / "4, 5, 3") -> n ints in 1..5, or None."""
+    value = value.strip().strip("[]").split(",") if isinstance(value, str) else value
+    value = value if isinstance(value, list) else [value]
+    value = [float(v) if isinstance(v, str) and re.fullmatch(r"\s*[1-5](\.0+)?\s*", v) else v for v in value]
+    if len(value) != n or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (1, 2, 3, 4, 5)
+                              for v in value):  # NaN, 3.5, 7, "x", true
+        return None
+    return [int(v) for v in value]
 
 
-def _json_scores(text, n):
-    """The first (outermost) JSON object with a "score" field: Parsed, or None when there is none."""
-    decoder = json.JSONDecoder()
-    starts = [m.start() for m in re.finditer(r'\{\s*"', text)]  # an object with a key begins {" (a failed try costs O(len))
-    for start in starts[:MAX_JSON_STARTS]:
-        try:
-            obj = decoder.raw_decode(text, start)[0]  # the object starting here; text after it is ignored
-        except (ValueError, RecursionError):  # not JSON, an integer of 5000 digits, absurdly deep nesting: not an answer
-            continue
-        if "score" in obj:
-            scores = _as_scores(obj["score"], n)
-            if scores is None:
-                return Parsed(None, "failed", f"JSON score {obj['score']!r} is not {n} integer(s) in 1..5")
-            return Parsed(scores, "json")
+def _read(how, text, n):
+    """One reading of an answer: None when it has none, else (n scores or None, why they are not scores)."""
+    if how == "json":  # the first (outermost) object with a "score" field; an object with a key begins {"
+        for m in list(re.finditer(r'\{\s*"', text))[:MAX_JSON_STARTS]:
+            try:
+                obj = json.JSONDecoder().raw_decode(text, m.start())[0]  # the object starting here, nothing after it
+            except (ValueError, RecursionError):  # not JSON, an integer of 5000 digits, absurd nesting: not an answer
+                continue
+            if "score" in obj:
+                return _as_scores(obj["score"], n), f"JSON score {obj['score']!r} is not {n} integer(s) in 1..5"
+    elif how == "boxed" and (boxed := re.findall(r"\\boxed\{([^{}]*)\}", text)):  # the last \boxed{...}
+        return _as_scores(boxed[-1].strip().split(","), n), f"\\boxed{{{boxed[-1].strip()}}} is not {n} integer(s) in 1..5"
+    elif how == "rating" and n == 1 and (found := re.findall(_RATING, text, flags=re.IGNORECASE)):
+        return [int(found[-1])], ""
     return None
 
 
-def _boxed_scores(text, n):
-    """The last \\boxed{...}: Parsed, or None when there is none."""
-    boxed = [b.strip() for b in re.findall(r"\\boxed\{([^{}]*)\}", text)]
-    if not boxed:
-        return None
-    scores = _as_scores(boxed[-1].split(","), n)
-    if scores is None:
-        return Parsed(None, "failed", f"\\boxed{{{boxed[-1]}}} is not {n} integer(s) in 1..5")
-    return Parsed(scores, "boxed")
-
-
-def _rating_scores(text, n):
-    found = re.findall(_RATING, text, flags=re.IGNORECASE) if n == 1 else []
-    return Parsed([int(found[-1])], "rating") if found else None
-
-
-_READERS = {"json": _json_scores, "boxed": _boxed_scores, "rating": _rating_scores}
-
-
 def parse_score(text, n=1, mode=None):
-    """Parse a critic answer into n integer scores in 1..5.
-
-    Order (PARSE_ORDER, the release's): for the gen instruction score the last \\boxed{...}, then "Final
-    Alignment Rating: n", then JSON; for every other mode the first (outermost) JSON object with a "score" field
-    (list, number or numeric string), then the last \\boxed{...}. Then lenient patterns (a truncated
-    '"score": [4', "score: 4", "Score [3, 4, 5]", "4/5", "4 out of 5"; the last match wins). Out-of-range or
-    wrong-count scores and anything unrecognised give Parsed(None, "failed", reason).
-    """
-    if not isinstance(text, str) or not text.strip():
-        return Parsed(None, "failed", "empty answer")
+    """A critic's answer -> a Judgement of n integer scores in 1..5 (how: the reading that found them), or a failure
+    (how "failed") with its reason. The readings in PARSE_ORDER (JSON: a "score" field as a list, number or numeric
+    string), then lenient patterns: a truncated '"score": [4', "score: 4", "Score [3, 4, 5]", "4/5", "4 out of 5"
+    (the last match wins)."""
+    text = text if isinstance(text, str) else ""
+    failed = lambda why: Judgement(None, text, False, why, "failed")  # noqa: E731
+    if not text.strip():
+        return failed("empty answer")
     if len(text) > MAX_ANSWER_CHARS:
-        return Parsed(None, "failed", f"answer of {len(text)} characters, longer than any critic writes ({MAX_ANSWER_CHARS})")
-    for reader in PARSE_ORDER.get(mode, DEFAULT_ORDER):
-        parsed = _READERS[reader](text, n)
-        if parsed is not None:
-            return parsed
+        return failed(f"answer of {len(text)} characters, longer than any critic writes ({MAX_ANSWER_CHARS})")
+    for how in PARSE_ORDER.get(mode, DEFAULT_ORDER):
+        if (found := _read(how, text, n)) is not None:
+            return Judgement(found[0], text, True, "", how) if found[0] is not None else failed(found[1])
     for pat in _PATTERNS:
         found = re.findall(pat, text, flags=re.IGNORECASE)
-        scores = _as_scores(found[-1].split(","), n) if found else None
-        if scores is not None:
-            return Parsed(scores, "pattern")
-    return Parsed(None, "failed", "no score found")
+        if found and (scores := _as_scores(found[-1].split(","), n)):
+            return Judgement(scores, text, True, "", "pattern")
+    return failed("no score found")
 
 
 # -----------------------------------------------------------------------------
-# reward fusion (Sec 3.4): "Base-and-Bonus". Inputs are raw 1-5 critic scores (ints, or floats
-# from the expected-score mode); every result lies in [0, 1].
+# reward fusion (Sec 3.4): "Base-and-Bonus". Inputs are raw 1-5 critic scores (ints, or floats from the
+# expected-score mode); every result lies in [0, 1].
 
 def normalize_score(s):
     """s in 1..5 -> (s - 1) / 4, clipped to [0, 1]."""
@@ -297,17 +246,13 @@ def weighted_sum(a, b, weight_a=0.5):
     return min(1.0, max(0.0, weight_a * normalize_score(a) + (1 - weight_a) * normalize_score(b)))
 
 
-FUSIONS = {
+FUSIONS = {  # name -> fused reward from {mode: score}; edit fusions, then gen fusions, the paper's first
     "cme": lambda s: cme(s["execution"], s["consistency"]),
     "sum55": lambda s: weighted_sum(s["execution"], s["consistency"], 0.5),
     "sum64": lambda s: weighted_sum(s["execution"], s["consistency"], 0.6),
     "qma": lambda s: qma(s["instruction"], s["quality"]),
     "instruction": lambda s: normalize_score(s["instruction"]),
 }
-# the modes each kind of reward scores, and the fusions it offers (the paper's first)
-REWARDS = {"edit": (EDIT_MODES, ("cme", "sum55", "sum64")), "gen": (GEN_MODES, ("qma", "instruction"))}
-
-
 FUSION_MODES = {"cme": EDIT_MODES, "sum55": EDIT_MODES, "sum64": EDIT_MODES, "qma": GEN_MODES, "instruction": ("instruction",)}
 
 
@@ -316,61 +261,28 @@ def fuse(name, scores):
     Anything else wrong (an unknown fusion, a score of the wrong type) is a bug and raises."""
     if name not in FUSIONS:
         raise ValueError(f"unknown fusion {name!r}; expected one of {list(FUSIONS)}")
-    if any(scores.get(m) is None for m in FUSION_MODES[name]):
-        return None
-    return FUSIONS[name](scores)
+    return None if any(scores.get(m) is None for m in FUSION_MODES[name]) else FUSIONS[name](scores)
 
 
 # -----------------------------------------------------------------------------
-# critic inference
+# critics: a model directory scored in this process, an OpenAI-compatible endpoint, a Python factory
 
-@dataclass
-class Judgement:
-    scores: list  # N_SCORES[mode] numbers in 1..5 (ints when generated, floats when expected/ensembled); None = failed
-    text: str  # the critic's raw answer (ensembles: the answers joined; "expected": the digit probabilities)
-    ok: bool
-    error: str = ""  # why it failed: the parser's message, the length limit, or too little probability on the digits
-    how: str = ""  # json | boxed | rating | pattern | expected | ensemble | failed | cut (hit max_new_tokens, no score)
-
-
-def check_method(method, samples, max_samples=None):
-    """The ValueError names the bad argument; the server sends it back as a 400."""
-    if method not in ("generate", "expected"):
-        raise ValueError(f"'method' must be 'generate' or 'expected', got {method!r}")
-    top = max_samples or float("inf")
-    if (isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= top
-            or (samples > 1 and method != "generate")):
-        raise ValueError(f"'samples' must be an integer in 1..{top} (> 1 only with method 'generate'), got {samples!r}")
-
-
-def digit_expectation(logits, digit_ids):
-    """Expected score from next-token logits (B, V): E = sum_k k p(k) / sum_k p(k) over the digits 1..5.
-
-    Returns (expected (B,), mass (B,)): mass = the probability the critic puts on any digit at all. We
-    renormalise over the five digits (the release's logit server also includes "0") and report the mass,
-    so a critic that does not want to write a digit here is visible instead of silently averaged.
-    """
-    p = logits.float().softmax(-1)[:, digit_ids]  # (B, 5)
-    mass = p.sum(-1)
-    return (p * torch.arange(1, 6, dtype=p.dtype, device=p.device)).sum(-1) / mass, mass
-
-
-def item_text(mode, item):
-    """The instruction of an edit item (RL manifests call it "prompt") or the prompt of a gen item."""
-    return item.get("prompt") if mode in GEN_MODES or item.get("instruction") is None else item["instruction"]
-
-
-def check_items(mode, items, prompts=PROMPTS):
-    """The critic's user turn (content parts) for each item; a bad item raises before any model work, naming its
-    index and field."""
+def check_items(mode, items, prompts=PROMPTS, method="generate", samples=1):
+    """The critic's user turn (content parts) for each item. A bad argument or item raises before any model work,
+    naming the item's index and field; keys a critic does not read (e.g. "record") pass unchecked."""
     if mode not in N_SCORES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(N_SCORES)}")
+    if method not in ("generate", "expected"):
+        raise ValueError(f"'method' must be 'generate' or 'expected', got {method!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1 or (samples > 1 and method != "generate"):
+        raise ValueError(f"'samples' must be an integer >= 1 (> 1 only with method 'generate'), got {samples!r}")
     turns = []
     for i, it in enumerate(items):
         for k in IMAGE_FIELDS[mode]:
             if not hasattr(it.get(k), "convert"):
                 raise ValueError(f"item {i}: field '{k}' must be a PIL image, got {type(it.get(k)).__name__}")
-        text = item_text(mode, it)
+        # an edit item's instruction (RL manifests call it "prompt"), a gen item's prompt
+        text = it.get("prompt") if mode in GEN_MODES or it.get("instruction") is None else it["instruction"]
         if not isinstance(text, str) and mode != "quality":
             raise ValueError(f"item {i}: field '{'instruction' if mode in EDIT_MODES else 'prompt'}' must be a string")
         turns.append(critic_messages(mode, text or "", it.get("requirement"), prompts)[0]["content"])
@@ -378,33 +290,44 @@ def check_items(mode, items, prompts=PROMPTS):
 
 
 def judge_answers(mode, texts, cut, limit):
-    """One item's answer(s) -> its Judgement. One answer: its parse (an answer stopped by the length limit before a
-    score is "cut"). Several (samples): the mean of those that parsed, EditScore's self-ensemble."""
+    """One item's answer(s) -> its Judgement: one answer's parse ("cut" when the length limit stopped it before a
+    score), or the mean of the samples that parsed (EditScore's self-ensemble)."""
     parsed = [parse_score(t, N_SCORES[mode], mode) for t in texts]
-    parsed = [Parsed(None, "cut", f"answer cut at max_new_tokens={limit} before a score") if c and not p.ok else p
-              for p, c in zip(parsed, cut)]
-    text, good = "\n---\n".join(texts), [p.scores for p in parsed if p.ok]
+    parsed = [Judgement(None, j.text, False, f"answer cut at max_new_tokens={limit} before a score", "cut")
+              if c and not j.ok else j for j, c in zip(parsed, cut)]
     if len(texts) == 1:
-        return Judgement(parsed[0].scores, text, parsed[0].ok, parsed[0].error, parsed[0].how)
+        return parsed[0]
+    text, good = "\n---\n".join(texts), [j.scores for j in parsed if j.ok]
     if not good:
         return Judgement(None, text, False, f"none of {len(texts)} samples parsed", "failed")
     missed = f"{len(texts) - len(good)} of {len(texts)} samples did not parse" if len(good) < len(texts) else ""
     return Judgement([sum(s) / len(good) for s in zip(*good)], text, True, missed, "ensemble")
 
 
-class Critic:
-    """A critic model directory (tiny critic, Qwen3-VL-8B-Instruct, FIRM-Edit-8B, ...), loaded once.
+def digit_expectation(logits, digit_ids):
+    """Expected score from next-token logits (B, V): E = sum_k k p(k) / sum_k p(k) over the digits 1..5, and the
+    mass sum_k p(k). Renormalised over the five digits (the release's logit server also includes "0"), the mass
+    reported: a critic that does not want to write a digit here is visible, not silently averaged."""
+    p = logits.float().softmax(-1)[:, digit_ids]  # (B, 5)
+    mass = p.sum(-1)  # (B,)
+    return (p * torch.arange(1, 6, dtype=p.dtype, device=p.device)).sum(-1) / mass, mass
 
-    score(mode, items, method="generate", samples=1) -> list[Judgement], one per item, in order.
-      edit items: {"source": PIL, "edited": PIL, "instruction": str (or "prompt"), "requirement": str|None}
-      gen items:  {"image": PIL, "prompt": str, "requirement": str|None}
-      "generate": batched greedy decoding (left padding, KV cache), then parse_score on the text; at most
-          max_new_tokens tokens (None: MAX_NEW_TOKENS[mode], the release's limits). An answer that hit the limit
-          without a score is a failure of its own kind ("cut"): raise the limit rather than blame the critic.
-      "expected": digit_expectation after the teacher-forced ANSWER_PREFIX, one forward pass per score;
-          fails when the digits get < min_digit_mass of the probability.
-      samples > 1 (generate only): the mean over the sampled answers that parsed (EditScore's self-ensemble),
-          drawn with the checkpoint's generation_config and torch's global RNG.
+
+class Critic:
+    """A critic model directory (the tiny critic, Qwen3-VL-8B-Instruct, FIRM-Edit-8B, ...), loaded once.
+
+    score(mode, items, method="generate", samples=1) -> list[Judgement], one per item, in order. Items, for every
+    critic (ServedCritic and the factories' objects take the same):
+      edit: {"source": PIL, "edited": PIL, "instruction": str (or "prompt"), "requirement": str|None}
+      gen:  {"image": PIL, "prompt": str, "requirement": str|None}
+      optional "record": the dataset / prompt record (dict) the item came from. Model critics ignore it, as any
+      other key; the miniature world's judges read their ground truth from item["record"]["toy"].
+    "generate": batched greedy decoding (left padding, KV cache), then parse_score; at most max_new_tokens tokens
+        (None: MAX_NEW_TOKENS[mode]). An answer stopped by the limit before a score fails as "cut".
+    "expected": digit_expectation after the teacher-forced answer prefix, one forward pass per score; fails when
+        the digits get < min_digit_mass of the probability.
+    samples > 1 (generate only): the mean of the sampled answers that parsed, drawn with the checkpoint's
+        generation_config and torch's global RNG.
     chat(images, text, max_new_tokens) -> a free-form greedy answer (curate's model judge).
     `model` / `processor` may replace model_dir (the tests pass a stub model and the real processor).
     """
@@ -423,14 +346,12 @@ class Critic:
         self.model = model or AutoModelForImageTextToText.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         self.tok = self.processor.tokenizer
         self.tok.padding_side = "left"  # the last position of every row is its real last token (generate + digits)
-        self.prompts = load_prompts(prompt_file)
-        self.max_new_tokens, self.batch_size, self.min_digit_mass = max_new_tokens, batch_size, min_digit_mass
-        self._slots = {}
+        self.prompts, self.max_new_tokens = load_prompts(prompt_file), max_new_tokens
+        self.batch_size, self.min_digit_mass, self._slots = batch_size, min_digit_mass, {}
 
     @torch.inference_mode()
     def score(self, mode, items, method="generate", samples=1):
-        check_method(method, samples)
-        turns = check_items(mode, items, self.prompts)
+        turns = check_items(mode, items, self.prompts, method, samples)
         images = [[it[k].convert("RGB") for k in IMAGE_FIELDS[mode]] for it in items]
         out = []
         for s in range(0, len(items), self.batch_size):
@@ -449,15 +370,14 @@ class Critic:
         return batch
 
     def _generate(self, mode, batch, samples):  # -> one Judgement per item
-        gc = copy.deepcopy(self.model.generation_config)
-        limit = self.max_new_tokens or MAX_NEW_TOKENS[mode]
+        gc, limit = copy.deepcopy(self.model.generation_config), self.max_new_tokens or MAX_NEW_TOKENS[mode]
         gc.update(max_new_tokens=limit, do_sample=samples > 1, num_return_sequences=samples)
         if samples == 1:  # greedy: drop the checkpoint's sampling settings (Qwen3-VL ships temperature 0.7 etc.)
             gc.update(temperature=None, top_p=None, top_k=None)
         seqs = self.model.generate(**batch, generation_config=gc)[:, batch["input_ids"].shape[1]:]  # (B * samples, <= limit)
         texts = self.tok.batch_decode(seqs, skip_special_tokens=True)
-        eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
-        ended = torch.isin(seqs, torch.tensor([e for e in eos if e is not None], device=seqs.device)).any(1).tolist()
+        eos = [e for e in (gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]) if e is not None]
+        ended = torch.isin(seqs, torch.tensor(eos, device=seqs.device)).any(1).tolist()
         cut = [not e and seqs.shape[1] >= limit for e in ended]  # stopped by the limit, not by the critic
         # generate returns each item's samples next to each other
         return [judge_answers(mode, texts[i:i + samples], cut[i:i + samples], limit) for i in range(0, len(texts), samples)]
@@ -471,10 +391,8 @@ class Critic:
 
     def score_slots(self, mode):
         """Token ids of the forced answer: (prefix ids, [ids of the digits 1..5 per score slot], separator ids).
-
-        Read off the tokenizer: the strings <answer so far> + "1".."5" must differ in their last token only
-        (so a tokenizer that writes " 5" after ", " or merges "[5" still gets the right candidates).
-        """
+        Read off the tokenizer: <answer so far> + "1".."5" must differ in their last token only (so a tokenizer that
+        writes " 5" after ", " or merges "[5" still gets the right candidates)."""
         if mode not in self._slots:
             text, contexts, slots = self.prompts["answer_prefix"][mode], [], []
             for _ in range(N_SCORES[mode]):
@@ -492,8 +410,7 @@ class Critic:
     def _expected(self, mode, batch):
         prefix, slots, sep = self.score_slots(mode)
         B, ids = batch["input_ids"].shape[0], lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)
-        ctx = ids(prefix).repeat(B, 1)  # (B, T) the forced answer so far
-        values, masses = [], []  # per slot: B floats each
+        ctx, values, masses = ids(prefix).repeat(B, 1), [], []  # (B, T) the forced answer so far; per slot B floats
         for j, digits in enumerate(slots):
             inputs = dict(batch, input_ids=torch.cat([batch["input_ids"], ctx], 1),
                           attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ctx)], 1))
@@ -504,83 +421,16 @@ class Critic:
             values.append(e.tolist())
             masses.append(m.tolist())
             if j + 1 < len(slots):  # condition the next score on this one's most likely digit
-                best = ids(digits)[logits[:, digits].argmax(-1)]
+                best = ids(digits)[logits[:, digits].argmax(-1)]  # (B,)
                 ctx = torch.cat([ctx, best[:, None], ids(sep).repeat(B, 1)], 1)
         out = []
         for vals, ms in zip(zip(*values), zip(*masses)):  # one item at a time
             text = ", ".join(f"E={v:.3f} (digit mass {m:.3f})" for v, m in zip(vals, ms))
-            if min(ms) < self.min_digit_mass:
-                error = f"digit probability mass {min(ms):.3f} < {self.min_digit_mass} at the score position"
-                out.append(Judgement(None, text, False, error, "failed"))
-            else:
-                out.append(Judgement(list(vals), text, True, "", "expected"))
+            low = f"digit probability mass {min(ms):.3f} < {self.min_digit_mass} at the score position"
+            out.append(Judgement(None, text, False, low, "failed") if min(ms) < self.min_digit_mass
+                       else Judgement(list(vals), text, True, "", "expected"))
         return out
 
-
-# -----------------------------------------------------------------------------
-# rewards for the RL scripts: a parse failure never raises, it is counted
-
-def edit_rewards(scorer, items, fusion="cme", on_failure="drop", method="generate", samples=1):
-    """Edit rewards in [0, 1] from a Critic or a ServedCritic: fusion "cme" (paper), "sum55" or "sum64".
-
-    A parse failure in either mode makes that item's reward None with on_failure="drop" (the default:
-    the RL caller drops the sample from its group, so a broken answer neither rewards nor punishes the
-    policy), or 0.0 with on_failure="min". stats: {"n", "parse_failures": {mode: count}, "failed",
-    "mean_score": {mode: mean raw score}, "errors": first few messages}.
-    """
-    return _rewards("edit", scorer, items, fusion, on_failure, method, samples)
-
-
-def gen_rewards(scorer, items, fusion="qma", on_failure="drop", method="generate", samples=1):
-    """Generation rewards in [0, 1]: fusion "qma" (paper: instruction x quality) or "instruction" alone.
-    Failures as in edit_rewards."""
-    return _rewards("gen", scorer, items, fusion, on_failure, method, samples)
-
-
-def _rewards(kind, scorer, items, fusion, on_failure, method, samples):
-    modes, fusions = REWARDS[kind]
-    if fusion not in fusions:
-        raise ValueError(f"{kind} fusion must be one of {fusions}, got {fusion!r}")
-    if on_failure not in ("drop", "min"):
-        raise ValueError(f"on_failure must be 'drop' or 'min', got {on_failure!r}")
-    modes = ("instruction",) if fusion == "instruction" else modes  # no quality pass for a reward that ignores it
-    per_mode = {m: scorer.score(m, items, method=method, samples=samples) for m in modes}
-    return fuse_judgements(per_mode, fusion, on_failure)
-
-
-def fuse_judgements(per_mode, fusion, on_failure="drop"):
-    """{mode: [Judgement] * n} -> (n rewards, stats); an item with a failed mode gets None ("drop") or 0.0 ("min")."""
-    n = len(next(iter(per_mode.values())))
-    rewards = []
-    for i in range(n):
-        scores = {m: js[i].scores if N_SCORES[m] > 1 else js[i].scores[0] for m, js in per_mode.items() if js[i].ok}
-        r = fuse(fusion, scores)
-        rewards.append(r if r is not None else (None if on_failure == "drop" else 0.0))
-    good = {m: [j.scores for j in js if j.ok] for m, js in per_mode.items()}
-    stats = {"n": n, "parse_failures": {m: n - len(g) for m, g in good.items()},
-             "cut": {m: sum(j.how == "cut" for j in js) for m, js in per_mode.items()},  # of the failures: hit the limit
-             "unanswered": {m: sum(j.how == "unanswered" for j in js) for m, js in per_mode.items()},  # server gone
-             "failed": sum(not all(js[i].ok for js in per_mode.values()) for i in range(n)),
-             "mean_score": {m: sum(map(min, g)) / len(g) if g else None for m, g in good.items()},  # quality: the min
-             "errors": [j.error for js in per_mode.values() for j in js if not j.ok][:5]}
-    return rewards, stats
-
-
-def failure_note(stats):
-    """One line on a batch's failed rewards (None when there are none): how many, of which kind, the first error."""
-    if not stats["failed"]:
-        return None
-    kinds = []
-    if cut := sum(stats["cut"].values()):
-        kinds.append(f"{cut} answer(s) cut by the length limit")
-    if unanswered := sum(stats["unanswered"].values()):
-        kinds.append(f"{unanswered} not answered by the server")
-    kinds = f" ({', '.join(kinds)})" if kinds else ""
-    return f"{stats['failed']} of {stats['n']} rewards failed{kinds}: {stats['errors'][0][:200]}"
-
-
-# -----------------------------------------------------------------------------
-# critics served by an inference engine: any OpenAI-compatible /v1/chat/completions (vLLM, SGLang, `transformers serve`)
 
 API_KEY_ENV = "FIRM_CRITIC_API_KEY"  # the endpoint's key, read from the environment only: never argv, never a file
 
@@ -590,34 +440,30 @@ class CriticServerError(DataError):
     cannot help, so the run stops (exit status 2, common.run_stage) with the server's own words."""
 
 
-def data_url(im):
-    """A PIL image as a base64 PNG data URL, the way the chat API takes images."""
-    buf = io.BytesIO()
-    im.convert("RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def api_content(parts, images):
-    """Chat-template content parts ({"type": "image"} placeholders) -> the API's parts, the images in order."""
-    left = iter(images)
-    return [{"type": "image_url", "image_url": {"url": data_url(next(left))}} if p["type"] == "image" else p for p in parts]
+    """Chat-template content parts ({"type": "image"} placeholders) -> the chat API's, images as PNG data URLs."""
+    left, out = iter(images), []
+    for p in parts:
+        if p["type"] == "image":
+            buf = io.BytesIO()
+            next(left).convert("RGB").save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            p = {"type": "image_url", "image_url": {"url": url}}
+        out.append(p)
+    return out
 
 
 class ServedCritic:
-    """A critic behind an OpenAI-compatible endpoint, with Critic's interface: score(mode, items, method, samples)
-    and chat(images, text). The same prompts (images as base64 PNG in the prompt's order, source first for edits),
-    the same parsing, failures counted with their raw text.
+    """A critic behind an OpenAI-compatible /v1/chat/completions (vLLM, SGLang, `transformers serve`), with Critic's
+    score and chat: the same prompts and items, the same parsing, failures counted with their raw text.
 
     url: the API base, e.g. http://host:8000/v1; model: the served model name (None: the only one served).
-    Requests run `concurrency` at a time from each process (every RL rank sends its own), each waiting at most
-    `timeout` s (an engine queues: allow for the queue too). Connection errors, timeouts and 5xx answers are retried
-    `retries` times with exponential backoff; an item still unanswered is a counted failure (how "unanswered"),
-    so a critic server that dies costs one step's rewards, not the run. 4xx answers (wrong model name, wrong key)
-    raise CriticServerError at once. The key comes from $FIRM_CRITIC_API_KEY.
-    Greedy answers (samples=1) ask for temperature 0. samples=N asks for N choices (the API's `n`) at the
-    server's default sampling settings; a server that returns fewer (transformers serve ignores `n`) is an error.
-    method "expected" needs the digit probabilities after a forced answer prefix, which the chat API does not give:
-    it is in process only.
+    Each process (every RL rank) keeps `concurrency` requests in flight, each waiting at most `timeout` s (an engine
+    queues: allow for the queue too). Connection errors, timeouts and 5xx answers are retried `retries` times with
+    exponential backoff; an item still unanswered is a counted failure (how "unanswered"), so a critic server that
+    dies costs one step's rewards, not the run. 4xx answers (wrong model name, wrong key) raise CriticServerError.
+    samples=1 asks for temperature 0; samples=N for N choices (the API's `n`) at the server's sampling defaults, and
+    a server that returns fewer (transformers serve ignores `n`) is an error.
     """
 
     def __init__(self, url, model=None, prompt_file=None, max_new_tokens=None, timeout=600, retries=3, concurrency=8):
@@ -663,8 +509,7 @@ class ServedCritic:
     def complete(self, parts, images, max_tokens, samples=1):
         """One user turn -> [(text, finish_reason)], one per sample."""
         body = {"model": self.model, "messages": [{"role": "user", "content": api_content(parts, images)}],
-                "max_tokens": max_tokens}
-        body |= {"temperature": 0} if samples == 1 else {"n": samples}
+                "max_tokens": max_tokens} | ({"temperature": 0} if samples == 1 else {"n": samples})
         choices = self._call("POST", "/chat/completions", body).get("choices") or []
         if len(choices) != samples:
             raise CriticServerError(f"{self.url}: asked for {samples} answers (n), got {len(choices)}; this server does "
@@ -679,12 +524,11 @@ class ServedCritic:
         if method != "generate":
             raise ValueError(f"method {method!r} needs the critic in process (a model directory): the chat API has no "
                              "digit probabilities after a forced answer prefix")
-        chats = check_items(mode, items, self.prompts)
-        limit = self.max_new_tokens or MAX_NEW_TOKENS[mode]
+        turns, limit = check_items(mode, items, self.prompts, method, samples), self.max_new_tokens or MAX_NEW_TOKENS[mode]
 
         def judge(k):
             try:
-                answers = self.complete(chats[k], [items[k][f] for f in IMAGE_FIELDS[mode]], limit, samples)
+                answers = self.complete(turns[k], [items[k][f] for f in IMAGE_FIELDS[mode]], limit, samples)
             except OSError as e:  # the server is gone or failing: this item has no score, counted, the run goes on
                 return Judgement(None, "", False, str(e), "unanswered")
             return judge_answers(mode, [t for t, _ in answers], [f == "length" for _, f in answers], limit)
@@ -692,13 +536,98 @@ class ServedCritic:
             return list(pool.map(judge, range(len(items))))
 
 
+FACTORY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")  # package.module:name
+
+
+def is_factory(spec):
+    """Whether `spec` names a Python factory package.module:name (an existing directory of that name stays one)."""
+    return bool(FACTORY.fullmatch(str(spec))) and not os.path.isdir(spec)
+
+
+def load_factory(spec):
+    """What the factory package.module:name returns, called with no arguments; DataError naming the spec if none."""
+    module, _, name = str(spec).partition(":")
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise  # the module is there, but something it imports is not: that error is the one to see
+        raise DataError(f"critic {spec!r}: no module {module!r} to import ({e})") from None
+    if not callable(getattr(found, name, None)):
+        raise DataError(f"critic {spec!r}: module {module!r} ({found.__file__}) has no factory {name!r}")
+    return getattr(found, name)()
+
+
 def open_critic(spec, device=None, dtype=None, prompt_file=None, max_new_tokens=None, batch_size=16, **served):
-    """A critic named one way in every script: a model directory (Critic, scored in this process) or an
-    OpenAI-compatible endpoint URL, http(s)://host:port/v1[#served model name] (ServedCritic)."""
-    if re.match(r"https?://", spec):
+    """The critic named by `spec`, one way in every script:
+      http(s)://host:port/v1[#served model name]: ServedCritic (`served`: its timeout, retries, concurrency);
+      a model directory: Critic, scored in this process;
+      package.module:name, e.g. toy.judges:pixel: what name() returns, called with no arguments (the options here do
+        not reach it); it must have score(mode, items, method, samples) -> [Judgement].
+    """
+    if re.match(r"https?://", str(spec)):
         url, _, name = spec.partition("#")
         return ServedCritic(url, name or None, prompt_file, max_new_tokens, **served)
-    return Critic(spec, device, dtype, prompt_file, max_new_tokens, batch_size)
+    if not is_factory(spec):
+        return Critic(spec, device, dtype, prompt_file, max_new_tokens, batch_size)
+    critic = load_factory(spec)
+    if not callable(getattr(critic, "score", None)):
+        raise DataError(f"critic {spec!r}: {type(critic).__name__} has no score(mode, items, method, samples) method")
+    return critic
+
+
+# -----------------------------------------------------------------------------
+# rewards for the RL scripts: a failed score never raises, it is counted
+
+def edit_rewards(scorer, items, fusion="cme", on_failure="drop", method="generate", samples=1):
+    """Edit rewards in [0, 1] from any critic: fusion "cme" (the paper), "sum55" or "sum64" (Table 5). An item with a
+    failed score gets None with on_failure="drop" (the default: the RL caller drops the sample from its group, so a
+    broken answer neither rewards nor punishes the policy), or 0.0 with on_failure="min". stats: fuse_judgements'."""
+    return _rewards("edit", EDIT_MODES, scorer, items, fusion, on_failure, method, samples)
+
+
+def gen_rewards(scorer, items, fusion="qma", on_failure="drop", method="generate", samples=1):
+    """Generation rewards in [0, 1]: fusion "qma" (the paper: instruction x quality) or "instruction" alone (no
+    quality pass). Failures as in edit_rewards."""
+    return _rewards("gen", GEN_MODES, scorer, items, fusion, on_failure, method, samples)
+
+
+def _rewards(kind, modes, scorer, items, fusion, on_failure, method, samples):
+    fusions = [f for f, needs in FUSION_MODES.items() if set(needs) <= set(modes)]
+    if fusion not in fusions:
+        raise ValueError(f"{kind} fusion must be one of {fusions}, got {fusion!r}")
+    if on_failure not in ("drop", "min"):
+        raise ValueError(f"on_failure must be 'drop' or 'min', got {on_failure!r}")
+    per_mode = {m: scorer.score(m, items, method=method, samples=samples) for m in FUSION_MODES[fusion]}
+    return fuse_judgements(per_mode, fusion, on_failure)
+
+
+def fuse_judgements(per_mode, fusion, on_failure="drop"):
+    """{mode: [Judgement] * n} -> (n rewards, stats); an item with a failed mode gets None ("drop") or 0.0 ("min").
+    stats: n, parse_failures / cut / unanswered {mode: count}, failed (items), mean_score {mode: mean raw score},
+    errors (the first five messages)."""
+    n = len(next(iter(per_mode.values())))
+    rewards = []
+    for i in range(n):
+        r = fuse(fusion, {m: js[i].scores if N_SCORES[m] > 1 else js[i].scores[0] for m, js in per_mode.items() if js[i].ok})
+        rewards.append(r if r is not None else (None if on_failure == "drop" else 0.0))
+    good = {m: [j.scores for j in js if j.ok] for m, js in per_mode.items()}
+    count = lambda how: {m: sum(j.how == how for j in js) for m, js in per_mode.items()}  # noqa: E731
+    return rewards, {"n": n, "parse_failures": {m: n - len(g) for m, g in good.items()},
+                     "cut": count("cut"), "unanswered": count("unanswered"),  # of the failures: the limit, the server
+                     "failed": sum(not all(js[i].ok for js in per_mode.values()) for i in range(n)),
+                     "mean_score": {m: sum(map(min, g)) / len(g) if g else None for m, g in good.items()},  # quality: min
+                     "errors": [j.error for js in per_mode.values() for j in js if not j.ok][:5]}
+
+
+def failure_note(stats):
+    """One line on a batch's failed rewards (None when there are none): how many, of which kind, the first error."""
+    if not stats["failed"]:
+        return None
+    kinds = [f"{k} {what}" for k, what in ((sum(stats["cut"].values()), "answer(s) cut by the length limit"),
+                                          (sum(stats["unanswered"].values()), "not answered by the server")) if k]
+    kinds = f" ({', '.join(kinds)})" if kinds else ""
+    return f"{stats['failed']} of {stats['n']} rewards failed{kinds}: {stats['errors'][0][:200]}"
 
 
 # -----------------------------------------------------------------------------
@@ -708,74 +637,72 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="FIRM critics: score a JSONL of items")
     sub = ap.add_subparsers(dest="cmd", required=True)
     score = sub.add_parser("score", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    score.add_argument("--model", required=True, help="the critic: a model directory (scored in this process) or an "
-                       "OpenAI-compatible endpoint, http://host:port/v1[#served model name] (key: $FIRM_CRITIC_API_KEY)")
+    # data
     score.add_argument("--input", required=True,
                        help="JSONL: edit {id, source, edited, instruction} or gen {id, image, prompt}")
     score.add_argument("--out", required=True, help="JSONL of judgements (resumes: ids already there are skipped)")
     score.add_argument("--mode", default=None, choices=list(N_SCORES), help="default: each row's 'mode' field")
+    # the critic
+    score.add_argument("--model", required=True, help="a model directory (scored in this process), an OpenAI-compatible "
+                       "endpoint http://host:port/v1[#served model name] (key: $FIRM_CRITIC_API_KEY), or package.module:name")
     score.add_argument("--method", default="generate", choices=["generate", "expected"],
                        help="'expected' (digit probabilities) needs a model directory")
     score.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")
     score.add_argument("--prompt-file", default=None,
                        help="JSON {mode: template, answer_prefix: {...}} a checkpoint was trained with")
+    score.add_argument("--max-new-tokens", type=int, default=None,
+                       help="tokens per answer (default: the release's, 256 edit / 8192 gen)")
+    score.add_argument("--min-digit-mass", type=float, default=0.5, help="'expected': fail below this digit probability")
+    # in process
     score.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     score.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                        help="default bf16 on GPU, fp32 on CPU")
-    score.add_argument("--batch-size", type=int, default=16, help="items per forward/generate batch (in process)")
-    score.add_argument("--max-new-tokens", type=int, default=None, help="tokens per generated answer (default: the "
-                       "release's per-mode limit, 256 edit / 8192 gen)")
-    score.add_argument("--min-digit-mass", type=float, default=0.5, help="'expected': fail below this digit probability")
+    score.add_argument("--batch-size", type=int, default=16, help="items per forward/generate batch")
     score.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     return ap.parse_args(argv)
-
-
-def run_score(args):
-    fields = {"id": "id", "mode": "str?", "instruction": "str?", "prompt": "str?", "requirement": "str?",
-              "source": "image?", "edited": "image?", "image": "image?", "human_score": "scores?"}
-    lines, base, seen = read_manifest(args.input, fields, unique=None, images="decode", lines=True), Path(args.input).parent, {}
-    for n, r in lines:  # every row checked before the first is scored
-        r["mode"] = args.mode or r.get("mode")
-        if r["mode"] not in N_SCORES:
-            raise DataError(f"{args.input}:{n}: field 'mode' is {r['mode']!r}, not one of {list(N_SCORES)}; or give --mode")
-        for field in IMAGE_FIELDS[r["mode"]]:
-            if field not in r:
-                raise DataError(f"{args.input}:{n}: missing field '{field}' (mode {r['mode']})")
-        if (str(r["id"]), r["mode"]) in seen:
-            raise DataError(f"{args.input}:{n}: field 'id': duplicate {r['id']!r} in mode {r['mode']} (first on line "
-                            f"{seen[str(r['id']), r['mode']]})")
-        seen[str(r["id"]), r["mode"]] = n
-    rows = [r for _, r in lines]
-    done = {(r["id"], r["mode"]) for r in read_jsonl_resumable(args.out)}
-    todo = [r for r in rows if (r["id"], r["mode"]) not in done]
-    scorer = open_critic(args.model, args.device, args.dtype, args.prompt_file, args.max_new_tokens, args.batch_size)
-    if isinstance(scorer, Critic):
-        scorer.min_digit_mass = args.min_digit_mass
-    t0, step = time.time(), 4 * args.batch_size  # append every few batches: a killed run resumes
-    for mode in N_SCORES:
-        group = [r for r in todo if r["mode"] == mode]
-        for i in range(0, len(group), step):
-            chunk = group[i:i + step]
-            items = [{**{k: load_image(r[k], base) for k in IMAGE_FIELDS[mode]}, "instruction": r.get("instruction"),
-                      "prompt": r.get("prompt"), "requirement": r.get("requirement")} for r in chunk]
-            for r, j in zip(chunk, scorer.score(mode, items, method=args.method, samples=args.samples)):
-                append_jsonl(args.out, {"id": r["id"], "mode": mode, "scores": j.scores, "ok": j.ok, "how": j.how,
-                                        "error": j.error, "text": j.text, "human_score": r.get("human_score")})
-            print(f"{mode}: {i + len(chunk)}/{len(group)} items, {time.time() - t0:.1f} s", flush=True)
-    out = read_jsonl_resumable(args.out)
-    for mode in sorted({r["mode"] for r in out}):
-        rs = [r for r in out if r["mode"] == mode]
-        good = [r for r in rs if r["ok"] and r.get("human_score") is not None]
-        mae = sum(abs(r["scores"][0] - r["human_score"]) for r in good) / len(good) if good else float("nan")
-        print(f"{mode:<12} n={len(rs):<5} parse failures {sum(not r['ok'] for r in rs):<5} MAE vs human_score {mae:.3f} "
-              f"(over {len(good)} parsed items)")
 
 
 def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_score(args)
+    # every row checked before the first is scored
+    fields = {"id": "id", "mode": "str?", "instruction": "str?", "prompt": "str?", "requirement": "str?",
+              "source": "image?", "edited": "image?", "image": "image?", "human_score": "scores?"}
+    lines, seen = read_manifest(args.input, fields, unique=None, images="decode", lines=True), {}
+    for n, r in lines:
+        r["mode"] = args.mode or r.get("mode")
+        if r["mode"] not in N_SCORES:
+            raise DataError(f"{args.input}:{n}: field 'mode' is {r['mode']!r}, not one of {list(N_SCORES)}; or give --mode")
+        if missing := [f for f in IMAGE_FIELDS[r["mode"]] if f not in r]:
+            raise DataError(f"{args.input}:{n}: missing field '{missing[0]}' (mode {r['mode']})")
+        if (key := (str(r["id"]), r["mode"])) in seen:
+            raise DataError(f"{args.input}:{n}: field 'id': duplicate {r['id']!r} in mode {r['mode']} "
+                            f"(first on line {seen[key]})")
+        seen[key] = n
+    done = {(r["id"], r["mode"]) for r in read_jsonl_resumable(args.out)}
+    todo, base = [r for _, r in lines if (r["id"], r["mode"]) not in done], Path(args.input).parent
+    critic = open_critic(args.model, args.device, args.dtype, args.prompt_file, args.max_new_tokens, args.batch_size)
+    if isinstance(critic, Critic):
+        critic.min_digit_mass = args.min_digit_mass
+    t0, step = time.time(), 4 * args.batch_size  # append every few batches: a killed run resumes
+    for mode in N_SCORES:
+        group = [r for r in todo if r["mode"] == mode]
+        for i in range(0, len(group), step):
+            chunk = group[i:i + step]
+            items = [{**{k: load_image(r[k], base) for k in IMAGE_FIELDS[mode]}, "instruction": r.get("instruction"),
+                      "prompt": r.get("prompt"), "requirement": r.get("requirement"), "record": r} for r in chunk]
+            for r, j in zip(chunk, critic.score(mode, items, method=args.method, samples=args.samples)):
+                append_jsonl(args.out, {"id": r["id"], "mode": mode, "scores": j.scores, "ok": j.ok, "how": j.how,
+                                        "error": j.error, "text": j.text, "human_score": r.get("human_score")})
+            print(f"{mode}: {i + len(chunk)}/{len(group)} items, {time.time() - t0:.1f} s", flush=True)
+    out = read_jsonl_resumable(args.out)  # this run's judgements and any earlier run's
+    for mode in sorted({r["mode"] for r in out}):
+        rs = [r for r in out if r["mode"] == mode]
+        good = [r for r in rs if r["ok"] and r.get("human_score") is not None]
+        mae = sum(abs(r["scores"][0] - r["human_score"]) for r in good) / len(good) if good else float("nan")
+        print(f"{mode:<12} n={len(rs):<5} parse failures {sum(not r['ok'] for r in rs):<5} MAE vs human_score {mae:.3f} "
+              f"(over {len(good)} parsed items)")
 
 
 if __name__ == "__main__":

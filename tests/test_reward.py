@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from PIL import Image
 from transformers import AutoProcessor, GenerationConfig
 
 import reward
+from common import DataError
 from reward import Critic, Judgement, cme, digit_expectation, edit_rewards, fuse, gen_rewards, parse_score, qma, weighted_sum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +25,8 @@ def img(color=(200, 30, 30), size=64):
 
 def edit_items(n, tag=""):
     return [{"source": img((10 * i, 40, 90)), "edited": img((90, 10 * i, 40)),
-             "instruction": f"Make the circle red{tag} {'now ' * i}", "requirement": None} for i in range(n)]
+             "instruction": f"Make the circle red{tag} {'now ' * i}", "requirement": None,
+             "record": {"id": i, "toy": {"edit": "recolor"}}} for i in range(n)]  # critics ignore the record
 
 
 # -----------------------------------------------------------------------------
@@ -375,6 +379,91 @@ def test_gen_rewards_qma_and_instruction_only():
     assert gen_rewards(scorer, [{}] * 2, fusion="instruction")[0] == [1.0, 0.5]
     with pytest.raises(ValueError):
         gen_rewards(scorer, [{}] * 2, fusion="cme")
+
+
+# -----------------------------------------------------------------------------
+# critics named by a Python factory, package.module:name (how the miniature world's judges plug in)
+
+STANDIN = {  # a package written into tmp_path: standin/judges.py holds the factories
+    "__init__.py": "",
+    "judges.py": '''
+import json
+from reward import Judgement
+
+
+class Truth:
+    """Scores each item with the ground truth its record carries, as the miniature world's judges do."""
+
+    def score(self, mode, items, method="generate", samples=1):
+        return [Judgement(it["record"]["truth"][mode], json.dumps({"score": it["record"]["truth"][mode]}), True,
+                          how="truth") for it in items]
+
+
+def truth():
+    return Truth()
+
+
+def scoreless():
+    return object()
+
+
+not_callable = Truth()
+''',
+    "broken.py": "import standin_dependency_that_is_not_installed\n",
+}
+
+
+@pytest.fixture
+def standin(tmp_path, monkeypatch):
+    (tmp_path / "standin").mkdir()
+    for name, text in STANDIN.items():
+        (tmp_path / "standin" / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "standin.judges"
+    for name in ("standin", "standin.judges", "standin.broken"):
+        sys.modules.pop(name, None)
+
+
+def test_a_factory_spec_opens_what_its_factory_returns_and_the_rewards_fuse_its_scores(standin):
+    critic = reward.open_critic(f"{standin}:truth", device="cpu", max_new_tokens=8)  # options do not reach a factory
+    assert type(critic).__name__ == "Truth"
+    truth = [{"execution": [5], "consistency": [3]}, {"execution": [1], "consistency": [5]}]
+    items = [dict(it, record={"truth": t}) for it, t in zip(edit_items(2), truth)]
+    assert edit_rewards(critic, items, fusion="cme")[0] == [pytest.approx(cme(5, 3)), 0.0]
+    gen = [{"image": img(), "prompt": "a red circle", "record": {"truth": {"instruction": [4], "quality": [5, 2, 4]}}}]
+    assert gen_rewards(critic, gen)[0] == [pytest.approx(qma(4, [5, 2, 4]))]
+
+
+def test_a_bad_factory_spec_is_an_error_naming_the_spec(standin):
+    cases = {f"{standin}:nothing": "has no factory 'nothing'", f"{standin}:not_callable": "has no factory 'not_callable'",
+             f"{standin}:scoreless": "object has no score", "standin.missing:truth": "no module 'standin.missing'",
+             "nopackage_anywhere.judges:truth": "no module 'nopackage_anywhere.judges'"}
+    for spec, why in cases.items():
+        with pytest.raises(DataError, match=re.escape(f"critic {spec!r}: ") + ".*" + re.escape(why)):
+            reward.open_critic(spec)
+    with pytest.raises(ModuleNotFoundError, match="standin_dependency_that_is_not_installed"):
+        reward.open_critic("standin.broken:truth")  # the module exists: what it fails to import is the error to see
+
+
+def test_a_spec_that_is_an_existing_directory_or_a_url_keeps_its_meaning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "critics.edit:v2").mkdir()  # a model directory whose name reads like a factory
+    assert reward.is_factory("critics.edit:v3") and not reward.is_factory("critics.edit:v2")
+    with pytest.raises(DataError, match=r"critic critics.edit:v2: not a model directory"):
+        reward.open_critic("critics.edit:v2")
+    assert not reward.is_factory("http://host:8000/v1#firm-edit") and not reward.is_factory("runs/mini/models/edit-critic")
+
+
+def test_cli_scores_through_a_factory_critic_that_reads_each_row_as_its_record(standin, tmp_path, capsys):
+    img().save(tmp_path / "a.png")
+    rows = [{"id": k, "mode": "instruction", "image": "a.png", "prompt": "a red circle", "human_score": s,
+             "truth": {"instruction": [s]}} for k, s in (("x", 4), ("y", 2))]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reward.main(["score", "--model", f"{standin}:truth", "--input", str(tmp_path / "items.jsonl"), "--out",
+                 str(tmp_path / "out.jsonl")])
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["scores"], r["how"]) for r in got] == [("x", [4], "truth"), ("y", [2], "truth")]
+    assert "MAE vs human_score 0.000" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
