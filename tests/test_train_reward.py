@@ -1,4 +1,5 @@
-"""train_reward.py: answer-only loss, padding, bad records, FSDP2 under torchrun (save/reload), resume."""
+"""train_reward.py: answer-only loss, normalisation by the global answer-token count, padding, bad records, presets,
+FSDP2 under torchrun (save/reload), resume."""
 
 import json
 import os
@@ -51,7 +52,8 @@ def test_answer_only_loss_ignores_prompt_tokens_and_matches_hand_computed_value(
 
     def loss_of(ids):
         labels = tr.make_labels(ids, n_prompt)[None]
-        return tr.sft_loss(logits, labels, tr.answer_positions(labels)).item()
+        keep = tr.answer_positions(labels)
+        return tr.sft_loss(logits[keep], labels, keep).item()
 
     base = loss_of(ids)
     logp = torch.log_softmax(logits[0], -1)
@@ -127,6 +129,31 @@ def test_a_text_only_record_batches_with_image_records(mini_data, tiny):
         one = [tr.forward_loss(model, tr.collate([s], pad)) for s in (b, a)]
     assert n_both == one[0][1] + one[1][1]
     assert both.item() == pytest.approx(one[0][0].item() + one[1][0].item(), rel=1e-4)
+
+
+def test_micro_batches_give_the_gradient_of_one_batch_normalised_by_all_their_answer_tokens(mini_data, tiny):
+    import copy
+    from common import cleanup_dist, setup_dist
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]
+    recs = read_jsonl(mini_data / "sft/gen_train.jsonl")[:3]  # answers of different lengths
+    samples = [tr.encode(r, processor, mini_data / "sft") for r in recs]
+    pad = processor.tokenizer.pad_token_id
+    setup_dist()  # a world of one: sft_step's all_reduce is the identity
+    try:
+        grads, losses = [], []
+        for micro in ([tr.collate(samples, pad)], [tr.collate(samples[:1], pad), tr.collate(samples[1:], pad)]):
+            losses.append(tr.sft_step(model, micro, 1, torch.device("cpu")))
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+            model.zero_grad(set_to_none=True)
+    finally:
+        cleanup_dist()
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert len(grads[0]) == len(grads[1]) > 0 and all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(*grads))
+    # the logged loss is the sum over all answer tokens divided by their count (not a mean of per-micro-batch means)
+    with torch.no_grad():
+        per_sample = [tr.forward_loss(model, tr.collate([s], pad)) for s in samples]
+    assert len({n for _, n in per_sample}) > 1
+    assert losses[0] == pytest.approx(sum(loss.item() for loss, _ in per_sample) / sum(n for _, n in per_sample), rel=1e-5)
 
 
 def test_lr_warms_up_then_decays_to_zero_on_a_cosine():
@@ -208,13 +235,24 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_losses(mini_data
     assert all(cut[s] == pytest.approx(full[s], rel=1e-6) for s in full)
 
 
-def test_mini_preset_trains_the_seeing_base_first_and_the_critics_from_it():
-    vlm = tr.get_args(["--preset", "mini", "--task", "vlm"])
+def test_mini_presets_train_the_seeing_base_first_and_the_critics_from_it():
+    vlm = tr.get_args(["--preset", "mini-vlm"])
     assert (vlm.model, vlm.out, vlm.val_generate) == ("runs/mini/models/critic-base", "runs/mini/models/vlm-base", 0)
-    assert vlm.train_file == "runs/mini/data/sft/vlm_train.jsonl"
-    edit = tr.get_args(["--preset", "mini", "--task", "edit", "--ablation", "direct"])
+    assert (vlm.train_file, vlm.val_file) == ("runs/mini/data/sft/vlm_train.jsonl", "runs/mini/data/sft/vlm_val.jsonl")
+    edit = tr.get_args(["--preset", "mini-edit-direct"])
     assert (edit.model, edit.out) == ("runs/mini/models/vlm-base", "runs/mini/models/edit-critic-direct")
     assert edit.train_file == "runs/mini/data/sft/edit_direct_train.jsonl"
-    gen = tr.get_args(["--preset", "mini", "--task", "gen", "--model", "x"])
-    assert gen.model == "x"  # an explicit flag wins
+    gen = tr.get_args(["--preset", "mini-gen", "--model", "x"])
+    assert gen.model == "x" and gen.out == "runs/mini/models/gen-critic"  # an explicit flag wins
     assert (vlm.epochs, edit.epochs, gen.epochs) == (1.0, 4.0, 2.0)
+    assert (gen.lr, gen.global_batch, gen.micro_batch, gen.val_generate) == (1e-3, 4, None, 100)
+    for name, preset in tr.PRESETS.items():  # each names its whole run: nothing is derived from the name
+        assert {"model", "train_file", "val_file", "out", "epochs"} <= set(preset), name
+        assert tr.get_args(["--preset", name]).out == preset["out"]
+
+
+def test_without_a_preset_the_model_data_and_output_must_be_named():
+    with pytest.raises(SystemExit):
+        tr.get_args(["--model", "m", "--train-file", "t.jsonl"])
+    args = tr.get_args(["--model", "m", "--train-file", "t.jsonl", "--out", "o"])
+    assert (args.lr, args.global_batch, args.micro_batch, args.epochs, args.warmup_ratio) == (1e-5, 160, 10, 1.0, 0.1)
