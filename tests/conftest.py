@@ -1,4 +1,4 @@
-"""Shared fixtures: one miniature dataset (and tiny critic base) per test session, built by curate.py."""
+"""Shared fixtures: one miniature dataset (and tiny critic base) per test session, built as run_mini.sh builds it."""
 
 import os
 import sys
@@ -19,17 +19,23 @@ def pytest_configure(config):
 
 
 # small sizes: the whole fixture takes a few seconds
-SMALL = ["--edit-train", "120", "--gen-train", "80", "--bench-exec", "30", "--bench-cons", "24", "--bench-gen", "24",
-         "--rl-train", "8", "--rl-test", "4", "--critic-vision-steps", "5"]
+WORLD_SMALL = ["--edit-train", "120", "--gen-train", "80", "--bench-exec", "30", "--bench-cons", "24", "--bench-gen", "24",
+               "--rl-train", "8", "--rl-test", "4"]
 
 
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory):
-    """A small curated miniature dataset: <root>/data (SFT, bench, rl) and <root>/models/critic-base."""
+    """A small miniature dataset, made as run_mini.sh makes it: <root>/data (candidates, SFT, bench, rl) by
+    python -m toy world + curate.py --preset mini, and <root>/models/critic-base by python -m toy critic-base."""
     import curate
+    import toy
     root = tmp_path_factory.mktemp("mini")
-    curate.main(curate.get_args(["--out", str(root / "data")] + SMALL))
-    return root / "data"
+    data = root / "data"
+    toy.main(["world", "--out", str(data)] + WORLD_SMALL)
+    curate.main(curate.get_args(["--preset", "mini", "--out", str(data), "--edit-candidates",
+                                 str(data / "edit/candidates.jsonl"), "--gen-candidates", str(data / "gen/candidates.jsonl")]))
+    toy.main(["critic-base", "--data", str(data), "--out", str(root / "models/critic-base"), "--vision-steps", "5"])
+    return data
 
 
 @pytest.fixture(scope="session")

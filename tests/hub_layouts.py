@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # toy.py, reward.py, rl_edit.py (texts for the tokenizers, the CLIP tokenizer)
+if str(ROOT) not in sys.path:  # the toy package, reward.py, rl_edit.py (texts for the tokenizers, the CLIP tokenizer)
     sys.path.insert(0, str(ROOT))
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-from toy import QWEN_CHAT_TEMPLATE  # noqa: E402 (Qwen's ChatML, content a string or image/text parts)
+from toy.models import QWEN_CHAT_TEMPLATE  # noqa: E402 (Qwen's ChatML, content a string or image/text parts)
 # OpenAI CLIP's normalisation (Qwen2.5-VL's image processor) and SigLIP's 0.5 (Qwen3-VL's)
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -130,12 +130,12 @@ def build_sd35_medium(out_dir, seed=0):
     sharded) whose width is the transformer's joint_attention_dim, with a T5Tokenizer; scheduler:
     FlowMatchEulerDiscreteScheduler(shift=3.0). Native size 64 px (sample_size 8 latents).
     """
-    import toy
+    from toy.models import _clip_tokenizer
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     out_dir = Path(out_dir)
     texts = _texts()
-    clip_tok, vocab, merges = toy._clip_tokenizer(texts, vocab_size=400, max_length=77)
+    clip_tok, vocab, merges = _clip_tokenizer(texts, vocab_size=400, max_length=77)
     t5_tok = _t5_tokenizer(texts)
     l_width, g_width, t5_width = 16, 32, 64  # CLIP-L 768, CLIP-G 1280, T5-XXL 4096 at full scale
 

@@ -48,7 +48,8 @@ STAGES = {
                                                    "--critic", f"base={X or C}"]),
     "bench policy": dict(manifest="rl/edit_test.jsonl", image="image", text="prompt", score=None,
                          argv=lambda M, D, C, X: ["policy", "--kind", "edit", "--base", X or f"{D}/no-editor", "--prompts",
-                                                  M, "--tuned", f"t={D}/tuned", "--out", f"{D}/out"]),
+                                                  M, "--tuned", f"t={D}/tuned", "--judge", "toy.judges:pixel",
+                                                  "--out", f"{D}/out"]),
     "reward score": dict(manifest="bench/edit_execution.jsonl", image="source", text="instruction", score="human_score",
                          argv=lambda M, D, C, X: ["score", "--model", X or C, "--input", M, "--out", f"{D}/out.jsonl"]),
 }

@@ -1,10 +1,15 @@
-"""The miniature world: rubric-to-score mapping on hand-built scenes, and oracle texts that parse back."""
+"""The miniature world: rubric-to-score mapping on hand-built scenes, oracle texts that parse back, the judges as
+critics, and the data the world makes."""
 
 import copy
 import json
 import random
 
+import pytest
+
 import toy
+import toy.data
+from common import load_image, read_jsonl
 from reward import parse_score
 from toy import Obj, Scene
 
@@ -192,8 +197,9 @@ def test_the_tiny_generators_tokenizer_is_the_same_in_every_process():
     import os
     import subprocess
     import sys
-    code = "import toy, json; print(json.dumps(toy._clip_tokenizer(toy.world_prompts(300))[1], sort_keys=True))"
-    outs = [subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(toy.__file__), capture_output=True,
+    code = "import json, toy.models as m; print(json.dumps(m._clip_tokenizer(m.world_prompts(300))[1], sort_keys=True))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(toy.__file__)))
+    outs = [subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                            text=True, check=True).stdout for _ in range(3)]
     assert outs[0] == outs[1] == outs[2]
 
@@ -249,8 +255,185 @@ def test_vision_pretraining_teaches_the_tower_what_each_token_shows(critic_base)
     import numpy as np
     model = AutoModelForImageTextToText.from_pretrained(critic_base)
     image_processor = AutoProcessor.from_pretrained(critic_base).image_processor
-    _, labels = toy._vision_batch(random.Random("0:held-out"), 128, 64)  # the held-out set pretrain_vision uses
+    _, labels = toy.models._vision_batch(random.Random("0:held-out"), 128, 64)  # the held-out set pretrain_vision uses
     majority = {k: np.bincount(v.reshape(-1).numpy()).max() / v.numel() for k, v in labels.items()}
     acc = toy.pretrain_vision(model, image_processor, steps=100, batch=16, log=lambda *_: None)
     assert acc["blocks"] > majority["blocks"] + 0.1, (acc, majority)  # measured: 0.85 vs 0.72 after 120 steps
     assert acc["size"] > majority["size"] + 0.2, (acc, majority)  # 0.96 vs 0.64
+
+
+# -----------------------------------------------------------------------------
+# the world's judges as critics (toy.judges:pixel / pixel_sum, toy.oracle:noisy / direct / teacher)
+
+def gen_item(image, scene):
+    return {"image": image, "prompt": toy.gen_prompt(scene), "record": {"id": "g0", "toy": {"scene": scene.to_dict()}}}
+
+
+def edit_item(src, edit, edited):
+    return {"source": toy.render(src, 64), "edited": edited, "instruction": toy.instruction(src, edit),
+            "record": {"id": "e0", "toy": {"scene": src.to_dict(), "edit": edit}}}
+
+
+def test_pixel_critic_gives_a_perfect_rendering_5_and_an_empty_canvas_1():
+    import toy.judges
+    scene, critic = two_objects(), toy.judges.pixel()
+    perfect, empty = toy.render(scene, 32), toy.render(Scene("white"), 32)
+    [ok], [bad] = critic.score("instruction", [gen_item(perfect, scene)]), critic.score("instruction", [gen_item(empty, scene)])
+    assert (ok.scores, ok.ok, ok.how) == ([5.0], True, "pixel") and bad.scores == [1.0]
+    assert json.loads(ok.text) == {"reasoning": "objects 1.00, background 1.00", "score": [5.0]}
+    assert critic.score("quality", [gen_item(empty, scene)])[0].scores == [5, 5, 5]  # QMA = the instruction score
+
+
+def test_pixel_critic_scores_are_one_plus_four_times_the_judges_fractions():
+    import toy.judges
+    scene = two_objects()
+    half = toy.render(Scene("white", scene.objects[:1]), 32)  # the blue square missing
+    parts = toy.pixel_judge_gen(half, scene)
+    assert 0 < parts["objects"] < 1 and parts["background"] == 1.0
+    [j] = toy.judges.pixel().score("instruction", [gen_item(half, scene)])
+    assert j.scores == [1 + 4 * parts["objects"] * parts["background"]]
+    [s] = toy.judges.pixel_sum().score("instruction", [gen_item(toy.render(Scene("white"), 32), scene)])
+    assert s.scores == [3.0]  # the hackable sum: an empty canvas of the right background earns half
+    with pytest.raises(ValueError, match="generations only"):
+        toy.judges.pixel_sum().score("execution", [edit_item(scene, RECOLOR, toy.render(scene, 64))])
+
+
+def test_pixel_critic_gives_a_perfect_edit_5_5_and_an_unchanged_source_1_5():
+    import toy.judges
+    src, critic = two_objects(), toy.judges.pixel()
+    done = edit_item(src, RECOLOR, toy.render(toy.apply_edit(src, RECOLOR), 64))
+    same = edit_item(src, RECOLOR, toy.render(src, 64))
+    assert [j.scores for m in ("execution", "consistency") for j in critic.score(m, [done, same])] == [[5.0], [1.0], [5.0], [5.0]]
+
+
+def test_the_worlds_judges_name_the_item_without_ground_truth():
+    import toy.judges
+    import toy.oracle
+    from common import DataError
+    scene = two_objects()
+    item = gen_item(toy.render(scene, 32), scene)
+    item["record"] = {"id": "real-7", "prompt": "a cat"}
+    for critic in (toy.judges.pixel(), toy.oracle.noisy()):
+        with pytest.raises(DataError, match=r"item 'real-7': field 'toy' lacks scene"):
+            critic.score("instruction", [item])
+    with pytest.raises(DataError, match="has no 'record'"):
+        toy.judges.pixel().score("instruction", [{"image": item["image"]}])
+    with pytest.raises(DataError, match=r"candidate 'c1': field 'toy' lacks"):
+        toy.oracle.teacher().edit({"id": "c1", "instruction": "x"})
+
+
+def test_oracle_critics_return_the_teachers_own_scores_through_the_parser():
+    import toy.oracle
+    rng, items = random.Random(5), {"edit": [], "gen": []}
+    for i in range(40):
+        src = toy.random_scene(rng)
+        edit = toy.random_edit(rng, src)
+        out, degrade = toy.simulate_editor(rng, src, edit, rng.choice(toy.EDITORS))
+        items["edit"].append({"record": {"id": f"e{i}", "toy": {"scene": src.to_dict(), "out_scene": out.to_dict(), "edit": edit}}})
+        got, degrade = toy.simulate_generator(rng, src, rng.choice(toy.GENERATORS))
+        items["gen"].append({"record": {"id": f"g{i}", "toy": {"scene": src.to_dict(), "out_scene": got.to_dict(), "degrade": degrade}}})
+    S = lambda d: Scene.from_dict(d)
+    for factory, mode in ((toy.oracle.noisy, "report"), (toy.oracle.direct, "direct")):
+        judge = toy.OracleJudge(0.15, mode)
+        for m in ("execution", "consistency", "instruction", "quality"):
+            kind = "edit" if m in ("execution", "consistency") else "gen"
+            got = factory().score(m, items[kind])
+            for j, it in zip(got, items[kind]):
+                t = it["record"]["toy"]
+                want = (judge.judge_edit(it["record"]["id"], S(t["scene"]), S(t["out_scene"]), t["edit"]) if kind == "edit"
+                        else judge.judge_gen(it["record"]["id"], S(t["scene"]), S(t["out_scene"]), t["degrade"]))[m]
+                assert j.ok and j.text == want[0] and j.scores == (want[1] if m == "quality" else [want[1]])
+
+
+def test_teacher_writes_the_report_or_plan_then_the_answers_and_nothing_first_when_direct():
+    import toy.oracle
+    src = two_objects()
+    out = toy.apply_edit(src, RECOLOR)
+    record = {"id": "edit-train-000003", "toy": {"scene": src.to_dict(), "out_scene": out.to_dict(), "edit": RECOLOR}}
+    report, answers = toy.oracle.teacher().edit(record)
+    assert report == toy.OracleJudge(0.15).difference_report(src, out) and report.startswith("Obvious changes:")
+    assert answers == {m: a[0] for m, a in toy.OracleJudge(0.15, "report").judge_edit(record["id"], src, out, RECOLOR).items()}
+    assert toy.oracle.teacher().edit(record, direct=True)[0] is None
+    plan, answers = toy.oracle.teacher().gen({"id": "g", "toy": {"scene": src.to_dict(), "out_scene": src.to_dict()}})
+    assert plan.startswith("Analysis plan:") and "\\boxed{" in answers["instruction"] and set(answers) == {"instruction", "quality"}
+
+
+# -----------------------------------------------------------------------------
+# the world's data (python -m toy world, python -m toy critic-base; the mini_data fixture runs both around curate.py)
+
+def world_args(*argv):
+    import argparse
+    ap = argparse.ArgumentParser()
+    toy.data.world_args(ap)
+    return ap.parse_args(list(argv))
+
+
+def test_vlm_pretraining_records_describe_the_ground_truth_and_hold_out_the_sft_val_candidates(mini_data):
+    train, val = read_jsonl(mini_data / "sft/vlm_train.jsonl"), read_jsonl(mini_data / "sft/vlm_val.jsonl")
+    curated = {r["id"]: r for kind in ("edit", "gen") for r in read_jsonl(mini_data / kind / "curated.jsonl")}
+    tags = {r["id"].rsplit(":", 1)[1] for r in train}
+    assert {"describe", "changes", "asked"} <= tags and tags & {"where", "is-there"}
+    for r in train + val:
+        cand = curated[r["id"].rsplit(":", 1)[0]]
+        q, a = r["messages"][0]["content"], r["messages"][1]["content"]
+        assert q.count("<image>") == len(r["images"]) and not q.startswith("<image>")  # the question comes first
+        q = q.replace("\n<image>", "").replace("<image>", "") if "Instruction:" not in q else q
+        for p in r["images"]:
+            load_image(p, mini_data / "sft")
+        before, after = (toy.Scene.from_dict(cand["toy"].get("scene")), toy.Scene.from_dict(cand["toy"]["out_scene"]))
+        if q == "Describe the image.":
+            assert a == toy.describe(after) + "."
+        elif q == "Describe both images.":
+            assert a == f"Image 1: {toy.describe(before)}. Image 2: {toy.describe(after)}."
+        elif q == "What changed from image 1 to image 2?":
+            changes = toy.scene_changes(before, after)
+            assert a == ("; ".join(toy.change_phrase(before, after, c) for c in changes) if changes else "nothing") + "."
+        elif q.endswith("What is asked?"):
+            assert q == f"Instruction: {cand['instruction']}\n<image><image>What is asked?"
+            assert a == toy.request_summary(before, cand["toy"]["edit"]) + "."
+        else:
+            assert q.startswith(("Where is the ", "Is there a ")) and a in ("Yes.", "No.") or a.startswith("At the ")
+    # the same candidates are held out as in the critics' SFT split (no val image is seen in pre-training)
+    key = lambda r: r["id"].rsplit(":", 1)[0]
+    sft_val = {key(r) for kind in ("edit", "gen") for r in read_jsonl(mini_data / f"sft/{kind}_val.jsonl")}
+    assert {key(r) for r in val} == sft_val
+    assert not {key(r) for r in train} & sft_val
+
+
+def test_bench_is_labelled_with_ground_truth_and_disjoint_from_training(mini_data):
+    train = {json.dumps(r["toy"], sort_keys=True) for r in read_jsonl(mini_data / "edit/curated.jsonl")}
+    for name, fn in [("edit_execution", toy.execution_score), ("edit_consistency", toy.consistency_score)]:
+        for r in read_jsonl(mini_data / f"bench/{name}.jsonl", required=("id", "source", "edited", "instruction", "human_score")):
+            t = r["toy"]
+            assert r["human_score"] == fn(toy.Scene.from_dict(t["scene"]), toy.Scene.from_dict(t["out_scene"]), t["edit"])
+            assert json.dumps(t, sort_keys=True) not in train
+    gen = read_jsonl(mini_data / "bench/gen.jsonl", required=("id", "image", "prompt", "human_score", "difficulty"))
+    assert {r["difficulty"] for r in gen} <= {"easy", "hard"}
+
+
+def test_score_balancing_produces_low_execution_scores():
+    args = world_args("--balance-share", "1.0")
+    scores = []
+    for i in range(100):
+        item, src, out, _ = toy.data.edit_candidate("train", i, args)
+        assert item["toy"]["balanced"]
+        scores.append(toy.execution_score(src, out, item["toy"]["edit"]))
+    assert sum(s <= 2 for s in scores) / len(scores) > 0.7
+
+
+def test_world_images_are_the_same_in_every_process(tmp_path):
+    """Degradation noise is seeded from the id, never from hash(), which Python salts per process."""
+    import os
+    import subprocess
+    import sys
+    code = ("import argparse, sys, pathlib, toy.data as d; ap = argparse.ArgumentParser(); d.world_args(ap); "
+            "a = ap.parse_args([]); item, src, out, deg = d.edit_candidate('train', 0, a); deg = dict(deg or {}, noise=3); "
+            "root = pathlib.Path(sys.argv[1]); (root / 'images').mkdir(parents=True); "
+            "d.write_edit_images(root, item, src, out, deg, 64)")
+    for k in (1, 2):
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(k))], cwd=os.path.dirname(os.path.dirname(os.path.abspath(toy.__file__))),
+                             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": str(k)})
+        assert run.returncode == 0, run.stderr
+    a, b = (sorted((tmp_path / str(k) / "images").iterdir()) for k in (1, 2))
+    assert [p.name for p in a] == [p.name for p in b] and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    assert toy.data.noise_seed("edit-train-000007") == 2718243933  # crc32 of the id: the same on every machine
