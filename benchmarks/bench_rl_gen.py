@@ -34,7 +34,7 @@ def tiny_setup(tmp):
     """The miniature world's generator and prompts (built in `tmp` if runs/mini has none)."""
     model, prompts = ROOT / "runs/mini/models/gen-base", ROOT / "runs/mini/data/rl/gen_train.jsonl"
     if not prompts.is_file():
-        sys.exit("run `python curate.py` first (it writes runs/mini/data)")
+        sys.exit("build the miniature data first: python -m toy world --out runs/mini/data && python curate.py --preset mini")
     if not (model / "model_index.json").is_file():
         model = Path(tmp) / "gen"
         subprocess.run([sys.executable, "-m", "toy", "pretrain-gen", "--out", str(model), "--steps", "20"], cwd=ROOT, check=True,

@@ -1,6 +1,6 @@
 """Critic SFT throughput and per-rank parameter memory, world size 1 vs 2 (FSDP2, gloo, CPU).
 
-    python curate.py                                   # once: the miniature data + tiny critic base
+    python -m toy world --out runs/mini/data && python -m toy critic-base --data runs/mini/data --out runs/mini/models/critic-base
     python benchmarks/bench_train_reward.py            # ~1-2 min on 2 cores
     python benchmarks/bench_train_reward.py --model /ckpt/Qwen3-VL-2B-Instruct --train-file data/sft/edit_train.jsonl
 
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--worlds", default="1,2", help="world sizes to compare")
     args = ap.parse_args()
     if not (ROOT / args.model / "config.json").is_file() and not Path(args.model, "config.json").is_file():
-        sys.exit(f"{args.model}: no model directory; run `python curate.py` first")
+        sys.exit(f"{args.model}: no model directory; build it first: python -m toy critic-base --data runs/mini/data --out runs/mini/models/critic-base")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for w in (int(x) for x in args.worlds.split(",")):
