@@ -372,6 +372,20 @@ def add_rl_args(ap, reward="qma", fusions=("qma", "instruction"), rollout_steps=
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0 = torch's default)")
 
 
+def parse_with_preset(ap, presets, argv=None, required=()):
+    """Parse argv with --preset NAME's values as the defaults (flags given explicitly still win); the `required`
+    destinations must then be set, by a flag or by the preset."""
+    ap.add_argument("--preset", choices=sorted(presets), default=None, help="a named small setting (see PRESETS)")
+    pre, _ = ap.parse_known_args(argv)
+    if pre.preset:
+        ap.set_defaults(**presets[pre.preset])
+    args = ap.parse_args(argv)
+    for dest in required:
+        if not getattr(args, dest):
+            ap.error(f"--{dest.replace('_', '-')} is required (or --preset {' / '.join(presets)})")
+    return args
+
+
 @torch.no_grad()
 def evaluate_rl(draw, scorers, keys, step, out, grid_rows, micro_batch, rank, world, device):
     """Held-out evaluation of the weights now in the model, spread over the ranks like a rollout.
@@ -421,6 +435,13 @@ def held_out_summary(evals):
     a, b = evals[0], evals[-1]
     return f"held-out, step {a['step']} -> {b['step']}: " + ", ".join(
         f"{k} {a[k]:.3f} -> {b[k]:.3f}" for k in a if k.startswith("eval_") and isinstance(a[k], float) and isinstance(b.get(k), float))
+
+
+def rl_sidecar(out, args):
+    """What travels with the saved policy: the base model, the run's flags, the first and last held-out evaluation."""
+    evals = read_jsonl_resumable(Path(out) / "eval.jsonl")
+    return {"base_model": str(args.model), "step": args.steps, "weights": "EMA", "args": vars(args),
+            "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None}
 
 
 def start_rl_run(out, model, params, opt, old, ema, resume, rank, strict=True):

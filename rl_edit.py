@@ -52,12 +52,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (DataError, MetricsLog, add_rl_args, held_out_summary, all_gather_values, cleanup_dist, clone_weights, evaluate_rl, every,
-                    fill_from_rank0, fsdp_shard, full_state_of, full_weights, load_image, load_on_rank0, noise_like,
-                    peak_memory_over_ranks, pil_to_tensor, print0, rank_batches, read_jsonl_resumable, read_manifest,
-                    reward_stats, run_stage, sample_seed, save_checkpoint, save_diffusers_model, save_lora_files,
-                    seed_everything, setup_dist, start_rl_run, step_prompts, tensor_to_pil, use_weights, write_json,
-                    write_rl_pictures)
+from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights, DataError, evaluate_rl, every,
+                    fill_from_rank0, fsdp_shard, full_state_of, full_weights, held_out_summary, load_image,
+                    load_on_rank0, MetricsLog, noise_like, parse_with_preset, peak_memory_over_ranks, pil_to_tensor,
+                    print0, rank_batches, read_jsonl_resumable, read_manifest, reward_stats, rl_sidecar, run_stage,
+                    sample_seed, save_checkpoint, save_diffusers_model, save_lora_files, seed_everything, setup_dist,
+                    start_rl_run, step_prompts, tensor_to_pil, use_weights, write_json, write_rl_pictures)
 from rl_gen import nft_step, noise_levels, ode_sample, optimality_targets, training_points
 
 # -----------------------------------------------------------------------------
@@ -77,7 +77,6 @@ PRESETS = {
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named small setting (flags given explicitly win)")
     # model and data
     ap.add_argument("--model", default=None, help="Qwen-Image-Edit-2509 diffusers directory")
     ap.add_argument("--prompts", default=None, help="JSONL {id, prompt, image[, requirement]} of RL training edits")
@@ -89,14 +88,7 @@ def get_args(argv=None):
     add_rl_args(ap, reward="cme", fusions=("cme", "sum55", "sum64"), rollout_steps=6, eval_steps=15, prompts_per_step=24,
                 group_size=12, steps=150, lr=1.5e-3, eval_every=25, save_every=25)
     ap.set_defaults(gradient_checkpointing=True)  # release: on; a 20B editor needs it on 80 GB
-    pre, _ = ap.parse_known_args(argv)
-    if pre.preset:
-        ap.set_defaults(**PRESETS[pre.preset])
-    args = ap.parse_args(argv)
-    for flag in ("model", "prompts", "reward_model"):
-        if not getattr(args, flag):
-            ap.error(f"--{flag.replace('_', '-')} is required (or --preset mini)")
-    return args
+    return parse_with_preset(ap, PRESETS, argv, required=("model", "prompts", "reward_model"))
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +145,7 @@ def load_editor(model_dir, lora_dir=None, device=None, dtype=None, resolution=No
     for sub in ("transformer", "text_encoder", "processor", "scheduler"):
         if not (model_dir / sub).is_dir():
             raise DataError(f"{model_dir}: no '{sub}' folder; expected a Qwen-Image-Edit-2509 diffusers directory "
-                            "(or build the tiny one: python toy.py pretrain-edit)")
+                            "(or build the tiny one: python -m toy pretrain-edit)")
     cls = json.loads((model_dir / "model_index.json").read_text()).get("_class_name") if (model_dir / "model_index.json").is_file() else None
     if cls != "QwenImageEditPlusPipeline":  # the conditioning below is the 2509 pipeline's (as the release trains)
         raise DataError(f"{model_dir}/model_index.json: _class_name is {cls!r}; rl_edit encodes prompts as "
@@ -400,7 +392,6 @@ def save_transformer(out_dir, editor, params, values, rank, sidecar):
         write_json(Path(out_dir) / "rl_edit.json", sidecar)
 
 
-
 # -----------------------------------------------------------------------------
 # data and reward
 
@@ -544,16 +535,14 @@ def main(args):
             return cleanup_dist()
 
     # Save: the EMA weights, in the formats diffusers loads
-    evals = read_jsonl_resumable(out / "eval.jsonl") if rank == 0 else []
-    sidecar = {"base_model": str(args.model), "step": args.steps, "weights": "EMA", "args": vars(args),
-               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None}
+    sidecar = rl_sidecar(out, args)
     if args.full_finetune:
         save_transformer(out / "transformer", editor, params, ema, rank, sidecar)
     else:
         save_lora(out, model, params, ema, lora_cfg, rank, sidecar)
     if rank == 0:
         write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_edit --reward {args.reward}", test_sources)
-        print0(held_out_summary(evals))
+        print0(held_out_summary(read_jsonl_resumable(out / "eval.jsonl")))
         print0(f"wrote {out}: {'transformer/' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, metrics.jsonl, "
                "eval.jsonl, reward_curve.png, samples_grid.png")
     cleanup_dist()

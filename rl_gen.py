@@ -1,38 +1,33 @@
 """DiffusionNFT for a text-to-image model (SD3) with the FIRM QMA reward (paper Sec 3.4, 4.1; FIRM_NOTES 4).
 
 One RL step, as the release runs it (main() numbers its steps the same way):
-  1. rollout: K samples of each of P prompts from the "old" policy with a deterministic 10-step DPM-Solver-2 style
-     ODE sampler, no classifier-free guidance; keep the final latents x0 and the sampler's noise levels;
+  1. rollout: K samples of each of P prompts from the "old" policy, deterministic 10-step DPM-Solver-2 style ODE
+     sampler, no classifier-free guidance; keep the final latents x0 and the sampler's noise levels;
   2. reward: QMA, R = I (0.4 + 0.6 Q), from the generation critic (in process, or served by an inference engine);
-  3. advantage A = (R - mean of the prompt's group) / (std over the whole batch + 1e-4), clipped to [-5, 5],
-     mapped to the optimality probability r = 0.5 + A / 10;
-  4. the NFT loss on the positive and implicit negative velocities with adaptive x0-space weights, plus
-     kl_weight * mse to the frozen base model's velocity, at 99% of the rollout's own noise levels; one AdamW step;
-  5. soft updates: the old policy moves towards the trained one; an EMA of the trained weights is what gets saved.
-The DiffusionNFT block below (interpolation, advantages, r, v+ / v-, weights, loss, KL, decays, sampler, update)
-is the algorithm in one piece; rl_edit.py imports it. The policy is SD3.5-Medium (any StableDiffusion3Pipeline
-directory) with LoRA (rank 32, alpha 64) on the attention projections, or --full-finetune.
+  3. A = (R - mean of the prompt's group) / (std of the whole batch + 1e-4), clipped to [-5, 5]; r = 0.5 + A / 10;
+  4. the NFT loss on the positive and implicit negative velocities with adaptive x0-space weights, plus kl_weight *
+     mse to the frozen base's velocity, at 99% of the rollout's own noise levels; one AdamW step;
+  5. soft updates: the old policy follows the trained one; an EMA of the trained weights is what gets saved.
+The DiffusionNFT block below is the algorithm in one piece (rl_edit.py imports it). The policy: SD3.5-Medium (any
+StableDiffusion3Pipeline directory) with LoRA (rank 32, alpha 64) on the attention projections, or --full-finetune.
 
-  python rl_gen.py --preset mini                                       # the miniature world, ~20 min on one core
+  python rl_gen.py --preset mini                                       # the miniature world, on one CPU core
   torchrun --standalone --nproc_per_node=8 rl_gen.py --model /ckpt/stable-diffusion-3.5-medium \
       --prompts prompts.jsonl --test-prompts test.jsonl --reward-model /ckpt/FIRM-Gen-8B --out runs/firm-sd35
   (or --reward-model http://critic-host:8000/v1#firm-gen: a critic served by vLLM, see the README)
 
-Outputs in --out: pytorch_lora_weights.safetensors (the EMA LoRA; pipe.load_lora_weights(out)) with its sidecar
-pytorch_lora_weights.json (or transformer/ with --full-finetune), metrics.jsonl (one row per step), eval.jsonl
-(one row per evaluation), reward_curve.png, samples_grid.png (held-out prompts x evaluation steps), checkpoint/.
-Sample the LoRA guidance-free (guidance_scale=1.0): it was trained and rewarded without CFG.
+Outputs in --out: pytorch_lora_weights.safetensors (the EMA LoRA; pipe.load_lora_weights(out)) + .json sidecar (or
+transformer/ with --full-finetune), metrics.jsonl (per step), eval.jsonl (per evaluation), reward_curve.png,
+samples_grid.png (held-out prompts x evaluations), checkpoint/. Sample the LoRA without CFG (guidance_scale=1.0).
 
 Departures from the paper / release:
-  1. The old policy, the EMA and the frozen base are values of the trainable parameters swapped into the one
-     sharded model (common.use_weights), not extra peft adapters or modules. With LoRA the frozen base is the
-     adapters at their zero-initialised up-projections: exactly the base model.
-  2. A sample whose reward could not be computed (a critic answer with no score) is dropped from its group and
-     from training, and counted (reward_fail); the release turns it into 0.
-  3. Without a T5 encoder no T5 tokens are appended (the pipeline would append --max-sequence-length zeros).
-  4. Without a VAE the transformer works on pixels (decode() is the one place that knows).
-  5. Evaluation: every --eval-every steps the EMA weights draw one image per held-out prompt with fixed seeds,
-     scored by the critic and, with --eval-judge SPEC, by an independent judge (any critic spec).
+  1. The old policy, the EMA and the frozen base are values of the trained parameters swapped into the one sharded
+     model (common.use_weights). With LoRA the frozen base is the adapters at B = 0: exactly the base model.
+  2. A sample whose critic answer gave no score is dropped from its group and from training, and counted
+     (reward_fail); the release turns it into 0.
+  3. Without a T5 encoder no T5 tokens are appended; without a VAE the latents are pixels (decode() knows).
+  4. Every --eval-every steps the EMA weights draw one image per held-out prompt (fixed seeds), scored by the
+     critic and, with --eval-judge SPEC, by an independent judge.
 """
 
 import argparse
@@ -44,11 +39,12 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from common import (DataError, add_rl_args, held_out_summary, reward_stats, MetricsLog, cleanup_dist, clone_weights, evaluate_rl, every, fsdp_shard, full_weights,
-                    noise_like, peak_memory_over_ranks, print0, rank_batches, read_jsonl_resumable, read_manifest,
-                    run_stage, sample_seed, save_checkpoint, save_diffusers_model, save_lora_files, setup_dist,
-                    start_rl_run, step_prompts, tensor_to_pil, use_weights, write_json, write_rl_pictures,
-                    all_gather_values)
+from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights, DataError, evaluate_rl, every,
+                    fsdp_shard, full_weights, held_out_summary, MetricsLog, noise_like, parse_with_preset,
+                    peak_memory_over_ranks, print0, rank_batches, read_jsonl_resumable, read_manifest, reward_stats,
+                    rl_sidecar, run_stage, sample_seed, save_checkpoint, save_diffusers_model, save_lora_files,
+                    setup_dist, start_rl_run, step_prompts, tensor_to_pil, use_weights, write_json,
+                    write_rl_pictures)
 
 # -----------------------------------------------------------------------------
 # CLI: the defaults are the paper's / release's settings; a preset swaps in a small setting (explicit flags win).
@@ -67,7 +63,6 @@ PRESETS = {
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named small setting (flags given explicitly win)")
     # model and data
     ap.add_argument("--model", default=None, help="StableDiffusion3Pipeline directory (e.g. stable-diffusion-3.5-medium)")
     ap.add_argument("--prompts", default=None, help="JSONL {id, prompt[, requirement]} of RL training prompts")
@@ -78,14 +73,7 @@ def get_args(argv=None):
     ap.add_argument("--reward-image-size", type=int, default=0, help="resize images to this side (px) for the critic "
                     "(0 = as generated)")
     add_rl_args(ap)  # the flags rl_edit.py shares, with the same names (common.add_rl_args)
-    pre, _ = ap.parse_known_args(argv)
-    if pre.preset:
-        ap.set_defaults(**PRESETS[pre.preset])
-    args = ap.parse_args(argv)
-    for flag in ("model", "prompts", "reward_model"):
-        if not getattr(args, flag):
-            ap.error(f"--{flag.replace('_', '-')} is required (or --preset mini)")
-    return args
+    return parse_with_preset(ap, PRESETS, argv, required=("model", "prompts", "reward_model"))
 
 
 # -----------------------------------------------------------------------------
@@ -113,15 +101,11 @@ def x0_from_v(x_t, v, t):
 
 
 def group_advantages(rewards, group_ids, clip=ADV_CLIP, eps=1e-4):
-    """A = (R - mean of its prompt group) / (std over the whole batch + eps), clipped to [-clip, clip].
+    """A = (R - mean of its prompt group) / (std over the whole batch + eps), clipped to [-clip, clip]; float64 (N,).
 
-    `rewards`: list/tensor of N floats, where None or NaN marks a reward that could not be computed
-    (a critic answer that failed to parse). Such samples are DROPPED: they take no part in their
-    group's mean nor in the batch std, and their advantage is NaN, which the caller must read as
-    "do not train on this sample". A group with a single valid sample gets A = 0 for it.
-    The std is over all valid rewards of the gathered batch (all ranks), not per group: per-group
-    std would blow tiny reward differences up to +-1 (DiffusionNFT / FIRM use the global std).
-    Returns a float64 tensor (N,).
+    None or NaN marks a reward that could not be computed: that sample is DROPPED from its group's mean and the
+    std, and its A is NaN ("do not train on it"). The std is over the whole gathered batch, not per group (per-group
+    std would blow tiny reward differences up to +-1; DiffusionNFT and FIRM use the global one).
     """
     r = torch.tensor([math.nan if x is None else float(x) for x in rewards], dtype=torch.float64)
     ids = list(group_ids)
@@ -252,7 +236,6 @@ def ode_sample(velocity_fn, x_T, timesteps):
     return x, xs
 
 
-
 def optimality_targets(rewards, group_ids):
     """Step 3 for a whole step: rewards (None = no score) -> (r (N,), valid (N,) bool). A failed reward is valid
     False: the caller gives that sample weight 0."""
@@ -325,7 +308,6 @@ def nft_step(model, params, opt, old, ema, ref, micro_batches, valid, step, args
             "kl": float(sums[2]) / (n_valid * T), "grad_norm": float(stats[3])}
 
 
-
 # -----------------------------------------------------------------------------
 # the model adapter: the generator (loading, prompt encoding, the velocity field, sampling, decoding), the policy
 
@@ -338,7 +320,7 @@ class Generator:
         self.transformer, self.vae = pipe.transformer, pipe.vae
         self.shift = float(pipe.scheduler.config.get("shift", 1.0))  # SD3's timestep shift (3.0 for SD3.5-M)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        # deviation 3: no T5 encoder -> no T5 tokens (the pipeline would append that many zero vectors)
+        # deviation 3: no T5 encoder -> no T5 tokens (the pipeline would append as many zero vectors)
         self.t5_tokens = max_sequence_length if pipe.text_encoder_3 is not None else 0
 
     def latent_shape(self, resolution=0):
@@ -360,7 +342,7 @@ def load_generator(model_dir, lora_dir=None, device=None, dtype=None, transforme
     index_file = Path(model_dir) / "model_index.json"
     if not index_file.is_file():
         raise DataError(f"{index_file}: not found; --model must be a diffusers StableDiffusion3Pipeline directory "
-                        f"(for the miniature world run `python toy.py pretrain-gen`)")
+                        f"(for the miniature world run `python -m toy pretrain-gen`)")
     index = json.loads(index_file.read_text())
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     dtypes = {"default": dtype, "transformer": transformer_dtype or dtype, "vae": torch.float32}
@@ -408,7 +390,7 @@ def sample_latents(gen, transformer, emb, pooled, seeds, timesteps, shape, batch
 
 @torch.no_grad()
 def decode(gen, latents):
-    """Latents -> images in [-1, 1]. The one place that knows about the VAE (deviation 4: none = pixels)."""
+    """Latents -> images in [-1, 1]. The one place that knows about the VAE (deviation 3: none = pixels)."""
     if gen.vae is None:
         return latents.float().clamp(-1, 1)
     z = latents / gen.vae.config.scaling_factor + gen.vae.config.shift_factor
@@ -422,7 +404,6 @@ def generate(gen, prompts, seeds, steps=10, resolution=0, batch_size=16):
     ts = noise_levels(gen.pipe.scheduler, steps)
     lat = sample_latents(gen, gen.transformer, emb, pooled, list(seeds), ts, gen.latent_shape(resolution), batch_size)
     return [tensor_to_pil(x) for x in decode(gen, lat)]
-
 
 
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # image-stream projections
@@ -466,7 +447,6 @@ def save_policy(out, gen, model, params, ema, args, rank, sidecar):
     meta = model.peft_config["default"].to_dict()  # rank and alpha travel with the file
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
     save_lora_files(StableDiffusion3Pipeline, out, lora, meta, sidecar)
-
 
 
 # -----------------------------------------------------------------------------
@@ -587,13 +567,10 @@ def main(args):
             return cleanup_dist()
 
     # Save: the EMA weights, in the format diffusers loads
-    evals = read_jsonl_resumable(out / "eval.jsonl") if rank == 0 else []
-    sidecar = {"base_model": str(args.model), "step": args.steps, "weights": "EMA", "args": vars(args),
-               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None}
-    save_policy(out, gen, model, params, ema, args, rank, sidecar)
+    save_policy(out, gen, model, params, ema, args, rank, rl_sidecar(out, args))
     if rank == 0:
         write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_gen --reward {args.reward}")
-        print0(held_out_summary(evals))
+        print0(held_out_summary(read_jsonl_resumable(out / "eval.jsonl")))
         print0(f"wrote {out}: {'transformer/' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, metrics.jsonl, "
                "eval.jsonl, reward_curve.png, samples_grid.png")
     cleanup_dist()

@@ -40,7 +40,7 @@ def bench_items(mini_data, mode, n):
     name = {"execution": "edit_execution", "consistency": "edit_consistency"}.get(mode, "gen")
     rows, base = read_jsonl(mini_data / "bench" / f"{name}.jsonl")[:n], mini_data / "bench"
     return [{**{k: load_image(r[k], base) for k in reward.IMAGE_FIELDS[mode]}, "instruction": r.get("instruction"),
-             "prompt": r.get("prompt")} for r in rows]
+             "prompt": r.get("prompt"), "record": r} for r in rows]  # the record: for the world's judges, ignored here
 
 
 def test_served_greedy_answers_equal_the_in_process_ones(server, critic_base, mini_data):
