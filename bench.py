@@ -1,53 +1,44 @@
-"""FIRM-Bench for critics (Sec 3.3), held-out evaluation of the RL-tuned policies (Sec 4), the pipeline report.
+"""FIRM-Bench for critics (Sec 3.3) and held-out evaluation of the RL-tuned policies (Sec 4).
 
-critics: every critic scores every bench item. The paper's metric is the MAE between the critic's integer
-score and the human score: edit execution, consistency and overall (POOLED over the items of both, not the
-mean of the two MAEs), gen easy, hard and overall. Beside it: pairwise accuracy on pairs with different human
-scores (EditReward-Bench style), Spearman, the parse-failure rate and a confusion matrix PNG per critic.
+critics: every critic scores every bench item; the paper's metric is the MAE between the critic's integer score
+and the human score: edit execution, consistency and overall (POOLED over the items of both, not the mean of the
+two MAEs), gen easy, hard and overall. A critic is NAME=SPEC[@edit|@gen], SPEC any reward.open_critic spec (a
+model directory, an endpoint http://host:port/v1[#served-name], a factory package.module:name) or a baseline
+(constant: the SFT files' mean score; constant:k; file:preds.jsonl, predictions made elsewhere).
 
-    python bench.py critics --preset mini                        # the miniature world's table
-    python bench.py critics --bench-dir /data/FIRM-Bench --layout firm-release \\
-        --critic FIRM-Edit-8B=/ckpt/FIRM-Edit-8B@edit --critic qwen3vl=/ckpt/Qwen3-VL-8B-Instruct \\
-        --critic served=http://10.0.0.5:8000/v1#firm-edit@edit --critic mine=file:preds.jsonl   # vLLM (README)
+    python bench.py critics --bench-dir /data/FIRM-Bench --layout firm-release --out runs/bench \\
+        --critic FIRM-Edit-8B=/ckpt/FIRM-Edit-8B@edit --critic served=http://10.0.0.5:8000/v1#firm-gen@gen
     torchrun --standalone --nproc_per_node=8 bench.py critics ...   # each rank scores its shard
 
-policy: held-out prompts, one fixed seed per sample and the same seeds for every policy (so the policies
-differ only by their weights), scored by a judge that did NOT train them: the miniature world's pixel judge
-(against the exact target scene; for edits it also scores the edited region and the kept rest apart) or a
-critic (critic:PATH_OR_URL; QMA for gen, CME for edit). The mini edit preset puts the CME-tuned and the
-0.5/0.5-sum-tuned editor side by side: the paper's Table 5 ablation in miniature.
+policy: held-out prompts, one fixed seed per sample, the same seeds for every policy (so they differ only by
+their weights), scored by a judge that did NOT train them (--judge SPEC) with the paper's fusion: QMA for gen,
+CME for edit (its parts, execution and consistency, beside it); gains over the base paired per prompt and seed.
 
-    python bench.py policy --preset mini --kind gen     # gen-base vs rl_gen
-    python bench.py policy --preset mini --kind edit    # edit-base vs rl_edit_cme vs rl_edit_sum55
-    python bench.py policy --kind edit --base /ckpt/Qwen-Image-Edit-2509 --tuned firm=ckpt/firm-edit/lora \\
-        --prompts edits.jsonl --judge critic:/ckpt/FIRM-Edit-8B
-    python bench.py report --preset mini                # runs/mini/REPORT.md
+    python bench.py policy --kind edit --base /ckpt/Qwen-Image-Edit-2509 --tuned firm=runs/rl_edit \\
+        --prompts edits.jsonl --judge /ckpt/FIRM-Edit-8B --out runs/policy_edit
 
-Failures are never dropped: "MAE" is over parsed scores, with the failure and missing counts beside it;
-"MAE (fail=worst)" charges a failed or missing item the largest error possible, max(h - 1, 5 - h). The mini
-preset scores the untrained critic-base, whose garbage answers show it. Both commands resume: each rank
-appends per item, rank 0 merges, a rerun does only what is missing, and a changed critic or policy (weights,
-decoding or sampling flags) starts over.
+--preset mini: the miniature world's paths, critics and judge (PRESETS). Both commands resume: each rank appends
+per item, rank 0 merges, a rerun does only what is missing, a changed critic or policy (weights, decoding or
+sampling flags) starts over. Failures are never dropped: "MAE" is over parsed scores, with the failure and
+missing counts beside it; "MAE (fail=worst)" charges a failed or missing item max(h - 1, 5 - h).
 
 Bench layouts (--layout): "mini" is what curate.py writes (edit_execution.jsonl, edit_consistency.jsonl,
-gen.jsonl; image paths relative to the bench dir). "firm-release" reads the released FIRM-Bench directory
-(FIRM-Bench-{Edit,Gen}/bench_v1.jsonl joined by id with result/human_bench_v1.jsonl). The gen fields follow
-the release's gen_mae.py (image = a list, "en/..." easy, "en_long/..." hard; instruction_following.score[0]).
-The edit fields and the prompt field are ASSUMPTIONS (the release's edit_mae.py was not readable offline):
-fix them with --field-map '{"execution.human_score": "exec.score.0", "instruction": "edit_prompt"}' (dotted
-paths; numbers index lists; a key without a split prefix applies to every split). A field that cannot be
-found is an error naming the file, line and field.
+gen.jsonl; image paths relative to the bench dir). "firm-release" reads the released FIRM-Bench
+(FIRM-Bench-{Edit,Gen}/bench_v1.jsonl joined by id with result/human_bench_v1.jsonl); the gen fields follow the
+release's gen_mae.py (image a list, "en/..." easy, "en_long/..." hard; instruction_following.score[0]). The edit
+fields and the prompt field are ASSUMPTIONS (edit_mae.py was not readable offline): fix them with
+--field-map '{"execution.human_score": "exec.score.0", "instruction": "edit_prompt"}' (dotted paths, numbers
+index lists, a key without a split prefix applies to every split). A missing field is an error naming it.
 
 Departures from the paper:
-  1. The paper reports MAE only; parse failures cannot occur in its table. We add the failure-aware
-     variants, pairwise accuracy, Spearman and confusion matrices.
-  2. The miniature bench's "human" scores are the world's exact ground truth (toy.py rubrics).
-  3. Pairwise accuracy gives a tied prediction half credit (integer critics tie often); peers differ.
+  1. The paper reports MAE only (parse failures cannot occur in its table). We add the failure-aware MAE,
+     pairwise accuracy (pairs with different human scores), Spearman and confusion matrices.
+  2. Pairwise accuracy gives a tied prediction half credit (integer critics tie often); peers differ.
 """
 
 import argparse
 import hashlib
-import importlib
+import importlib.util
 import json
 import math
 import re
@@ -59,24 +50,25 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
+import reward
 from common import (DataError, append_jsonl, check_field, check_image, cleanup_dist, die, image_grid, load_image,
-                    note_outside, plot_curves, print0, read_jsonl_lines, read_jsonl_resumable, read_manifest, setup_dist, write_json,
+                    note_outside, print0, read_jsonl_lines, read_jsonl_resumable, read_manifest, setup_dist, write_json,
                     write_jsonl)
 
 SPLIT_MODE = {"execution": "execution", "consistency": "consistency", "gen": "instruction"}
 M = "runs/mini"
-PRESETS = {"mini": {  # the miniature world: what curate.py, train_reward.py, toy.py and the RL scripts write
+PRESETS = {"mini": {  # the miniature world (toy/): what curate.py, train_reward.py and the RL scripts write there
     "critics": dict(bench_dir=f"{M}/data/bench", out=f"{M}/bench", sft_dir=f"{M}/data/sft", max_new_tokens=192,
                     critic=[f"edit-critic={M}/models/edit-critic@edit", f"gen-critic={M}/models/gen-critic@gen",
                             f"edit-critic-direct={M}/models/edit-critic-direct@edit",
                             f"gen-critic-direct={M}/models/gen-critic-direct@gen",
                             f"critic-base={M}/models/critic-base", "constant=constant",
-                            "oracle-noisy=oracle:0.15:report", "oracle-direct=oracle:0.15:direct"]),
-    # the RL scripts save their LoRA (pytorch_lora_weights.safetensors) in their --out directory
-    "policy gen": dict(base=f"{M}/models/gen-base", prompts=f"{M}/data/rl/gen_test.jsonl",
-                       tuned=[f"qma={M}/rl_gen", f"pixel={M}/rl_gen_pixel"]),
-    "policy edit": dict(base=f"{M}/models/edit-base", prompts=f"{M}/data/rl/edit_test.jsonl",
-                        tuned=[f"cme={M}/rl_edit_cme", f"sum55={M}/rl_edit_sum55"])}}
+                            "oracle-noisy=toy.oracle:noisy", "oracle-direct=toy.oracle:direct"]),
+    # the world's exact pixel judge; the RL scripts save their LoRA in their --out directory
+    "policy gen": dict(base=f"{M}/models/gen-base", prompts=f"{M}/data/rl/gen_test.jsonl", judge="toy.judges:pixel",
+                       out=f"{M}/bench/policy_gen_pixel", tuned=[f"qma={M}/rl_gen", f"pixel={M}/rl_gen_pixel"]),
+    "policy edit": dict(base=f"{M}/models/edit-base", prompts=f"{M}/data/rl/edit_test.jsonl", judge="toy.judges:pixel",
+                        out=f"{M}/bench/policy_edit_pixel", tuned=[f"cme={M}/rl_edit_cme", f"sum55={M}/rl_edit_sum55"])}}
 # FIRM-Bench MAE of the paper (FIRM_NOTES section 5), shown beside ours for reference
 PAPER = [("FIRM-Edit-8B", 0.53, 0.73, 0.62, None), ("FIRM-Gen-8B", None, None, None, 0.51),
          ("Qwen3-VL-8B-Instruct", 0.66, 1.12, 0.87, 0.63), ("GPT-5", 0.62, 0.73, 0.67, 0.52)]
@@ -205,7 +197,7 @@ def _lines(path):
 
 
 def read_bench(bench_dir, layout="mini", field_map=None, limit=None, check_images=False):
-    """Items {key, split, mode, id, human_score, root, source/edited/instruction | image/prompt/difficulty[, toy]}.
+    """Items {key, split, mode, id, human_score, root, record (the row), source/edited/instruction | image/prompt/difficulty}.
     Every field's type is checked; with check_images (a critic that looks at the pixels) also that every image is
     there and decodes, before anything is scored."""
     bench_dir, items = Path(bench_dir), []
@@ -251,7 +243,7 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None, check_image
                 raise DataError(f"{path}:{n}: field 'id' ('{fields['id']}'): duplicate {item['id']!r}")
             seen.add(item["id"])
             item["key"] = f"{split}/{item['id']}"
-            rows.append({**item, "toy": row["toy"]} if "toy" in row else item)
+            rows.append({**item, "record": row})  # what a critic that knows the answer (a world's) reads
         if not rows:
             raise DataError(f"{path}: no item of split '{split}' (field '{fields['human_score']}' found in no row)")
         note_outside(path, images, bench_dir)
@@ -260,7 +252,7 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None, check_image
 
 
 # -----------------------------------------------------------------------------
-# critics: a model directory, a reward server URL, a prediction file, or a baseline
+# critics: any reward.open_critic spec, or a baseline (a constant, a prediction file)
 
 
 def parse_critic(arg, sft_dir):
@@ -268,22 +260,24 @@ def parse_critic(arg, sft_dir):
     can), so that a critic not trained yet becomes a row saying so, not a crash of the whole table."""
     m = re.fullmatch(r"([A-Za-z0-9._-]+)=(.+?)(?:@(edit|gen|all))?", arg)
     if not m:
-        die(f"--critic {arg!r}: expected NAME=PATH_OR_URL[@edit|@gen] (NAME of letters, digits, . _ -)")
+        die(f"--critic {arg!r}: expected NAME=SPEC[@edit|@gen] (NAME of letters, digits, . _ -)")
     spec, note = m.group(2), None
     if spec == "constant":
         if not (sft_dir and all((Path(sft_dir) / f"{k}_train.jsonl").is_file() for k in ("edit", "gen"))):
             note = f"needs --sft-dir with edit_train.jsonl and gen_train.jsonl (got {sft_dir})"
     elif spec.startswith("file:"):
         note = None if Path(spec[5:]).is_file() else f"prediction file {spec[5:]} not found"
-    elif not (spec.startswith(("http://", "https://", "oracle")) or re.fullmatch(r"constant:[1-5]", spec)):
+    elif reward.is_factory(spec):  # package.module:name, imported when the critic is opened
+        note = None if importlib.util.find_spec(spec.split(".")[0].split(":")[0]) else f"no Python package for {spec}"
+    elif not (spec.startswith(("http://", "https://")) or re.fullmatch(r"constant:[1-5]", spec)):
         if not (Path(spec) / "config.json").is_file():
             note = f"not found: {spec} (train it first, e.g. train_reward.py)"
     return m.group(1), spec, m.group(3) or "all", note
 
 
-def looks_at_pixels(spec):
-    """A model critic (a directory or a server) reads the images; the baselines and prediction files do not."""
-    return not spec.startswith(("constant", "file:", "oracle"))
+def is_baseline(spec):
+    """The baselines answer without the images; every other critic is handed them."""
+    return spec.startswith(("constant", "file:"))
 
 
 def constant_scores(sft_dir):
@@ -299,20 +293,7 @@ def constant_scores(sft_dir):
 def make_scorer(spec, args, device):
     """-> predict(mode, items) -> one reward.Judgement per item, None where there is no prediction. The
     baselines write an answer TEXT that goes through the same parser as a model's answer."""
-    import reward
-    if spec.startswith("oracle"):  # the miniature world's teacher (toy.OracleJudge) on each item's `toy` field
-        import toy
-        parts, S = spec.split(":"), toy.Scene.from_dict
-        judge = toy.OracleJudge(float(parts[1]) if len(parts) > 1 else 0.0, parts[2] if len(parts) > 2 else "report")
-
-        def answer(mode, it):
-            if "toy" not in it:
-                raise DataError(f"item {it['key']}: the oracle baseline needs the miniature world's 'toy' field")
-            t = it["toy"]
-            if mode == "instruction":
-                return judge.judge_gen(it["id"], S(t["scene"]), S(t["out_scene"]), t.get("degrade"))[mode][0]
-            return judge.judge_edit(it["id"], S(t["scene"]), S(t["out_scene"]), t["edit"])[mode][0]
-    elif spec.startswith("constant"):
+    if spec.startswith("constant"):
         const = {m: int(spec[9:]) for m in SPLIT_MODE.values()} if ":" in spec else constant_scores(args.sft_dir)
         answer = lambda mode, it: json.dumps({"score": [const[mode]]})
     elif spec.startswith("file:"):  # predictions made elsewhere; an id absent from the file is 'missing'
@@ -323,14 +304,15 @@ def make_scorer(spec, args, device):
             if r is None:
                 return None
             return r["text"] if "text" in r else json.dumps({"score": r.get("scores", r.get("score"))})
-    else:  # a model directory or a reward server
-        scorer = reward.open_critic(spec, device=device, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    else:  # a model directory, an endpoint or a factory: the images, the text and the bench row ("record")
+        critic = reward.open_critic(spec, device=device, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
         def predict(mode, items):
             keys = ("image",) if mode == "instruction" else ("source", "edited")
             pil = [{**{k: load_image(it[k], it["root"]) for k in keys}, "instruction": it.get("instruction"),
-                    "prompt": it.get("prompt"), "requirement": it.get("requirement")} for it in items]
-            return scorer.score(mode, pil, method=args.method, samples=args.samples)
+                    "prompt": it.get("prompt"), "requirement": it.get("requirement"), "record": it["record"]}
+                   for it in items]
+            return critic.score(mode, pil, method=args.method, samples=args.samples)
         return predict
 
     def judged(text, mode):
@@ -429,14 +411,10 @@ def release_gen_records(items, preds):
     """The gen predictions in the release's own schema, so its scoring script (gen_mae.py) reads them: the bench
     record with the critic's score filled in, {"id", "image": [path], "prompt", "instruction_following": {"score":
     [n]}}; easy / hard follow from the path ("en/" / "en_long/"). Items without a score are left out (counted)."""
-    out = []
-    for it in items:
-        r = preds.get(it["key"])
-        if it["split"] == "gen" and r and r.get("ok") and r.get("scores"):
-            score = r["scores"][0]
-            out.append({"id": it["id"], "image": [it["image"]], "prompt": it["prompt"],
-                        "instruction_following": {"score": [int(score) if float(score).is_integer() else score]}})
-    return out
+    scored = [(it, preds[it["key"]]["scores"][0]) for it in items if it["split"] == "gen"
+              and preds.get(it["key"], {}).get("ok") and preds[it["key"]].get("scores")]
+    return [{"id": it["id"], "image": [it["image"]], "prompt": it["prompt"],
+             "instruction_following": {"score": [int(s) if float(s).is_integer() else s]}} for it, s in scored]
 
 
 def confusion_png(path, title, conf):
@@ -483,7 +461,7 @@ def critics_markdown(res):
         main.append(f"| {name} | {cells('mae', cols, ' | ')} | {counts} | {r.get('note', '')} |")
         more.append(f"| {name} | {cells('mae_fail_worst', ('edit_overall', 'gen_overall'), ' / ')} | "
                     f"{cells('pairwise_acc', three, ' / ')} | {cells('spearman', three, ' / ')} |")
-    paper = ["Paper, real FIRM-Bench (MAE; for reference, not comparable with the miniature world):", "",
+    paper = ["Paper, real FIRM-Bench (MAE; for reference, not comparable with another bench):", "",
              "| critic | exec | cons | edit overall | gen |", "|---|---|---|---|---|"]
     paper += [f"| {n} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(g)} |" for n, a, b, c, g in PAPER]
     note = ("MAE: over items with a parsed score (parse failures and missing predictions are counted beside it). "
@@ -499,7 +477,7 @@ def run_critics(args):
     for name, _, _, note in critics:
         if note and not args.preset_critics:  # a critic the user named must run; the preset's may not exist yet
             raise DataError(f"--critic {name}: {note}")
-    looks = any(note is None and looks_at_pixels(spec) for _, spec, _, note in critics)
+    looks = any(note is None and not is_baseline(spec) for _, spec, _, note in critics)
     items = read_bench(args.bench_dir, args.layout, json.loads(args.field_map) if args.field_map else None, args.limit, looks)
     print0(f"bench {args.bench_dir} ({args.layout}): " + ", ".join(f"{s} {sum(it['split'] == s for it in items)}"
                                                                     for s in SPLIT_MODE) + f" items; {world} rank(s)")
@@ -534,24 +512,23 @@ def run_critics(args):
 
 
 def policy_judge(spec, kind, device):
-    """-> judge(records, images) -> [(score in [0, 1] or None: a critic answer that did not parse, {part: score})]."""
-    if spec == "pixel":  # parts: gen objects / background, edit edited region (vs target) / kept rest (vs source)
-        import toy
-        S = toy.Scene.from_dict
-        pixel = lambda r, im: (toy.pixel_judge_gen(im, S(r["toy"]["scene"])) if kind == "gen" else
-                               toy.pixel_judge_edit(im, S(r["toy"]["scene"]), S(r["toy"]["target_scene"])))
-        return lambda recs, ims: [(p.pop("overall"), p) for p in map(pixel, recs, ims)]
-    import reward
-    path = spec[len("critic:"):]
-    critic = reward.open_critic(path, device=device)
-    if kind == "gen":  # QMA, the paper's gen reward
-        item = lambda r, im: {"image": im, "prompt": r["prompt"], "requirement": r.get("requirement")}
-        rewards = lambda items: reward.gen_rewards(critic, items, fusion="qma")[0]
-    else:  # CME, the paper's edit reward
-        item = lambda r, im: {"source": r["_src"], "edited": im, "instruction": r["prompt"],
-                              "requirement": r.get("requirement")}
-        rewards = lambda items: reward.edit_rewards(critic, items, fusion="cme")[0]
-    return lambda recs, ims: [(s, {}) for s in rewards(list(map(item, recs, ims)))]
+    """-> judge(records, images, sources) -> [(score in [0, 1] or None: an answer that did not parse, {part: [0, 1]})]
+    with the paper's fusion: QMA for gen (the score alone), CME for edit (parts execution and consistency, (s-1)/4).
+    Each item carries its prompt record ("record"): a judge that knows the answer (a world's) reads it there."""
+    critic = reward.open_critic(spec, device=device)
+
+    def judge(recs, ims, sources):
+        if kind == "gen":
+            items = [{"image": im, "prompt": r["prompt"], "requirement": r.get("requirement"), "record": r}
+                     for r, im in zip(recs, ims)]
+            return [(s, {}) for s in reward.gen_rewards(critic, items, fusion="qma")[0]]
+        items = [{"source": src, "edited": im, "instruction": r["prompt"], "requirement": r.get("requirement"),
+                  "record": r} for r, im, src in zip(recs, ims, sources)]
+        per_mode = {m: critic.score(m, items) for m in ("execution", "consistency")}  # edit_rewards' calls, parts kept
+        parts = [{m: reward.normalize_score(js[i].scores[0]) for m, js in per_mode.items() if js[i].ok}
+                 for i in range(len(items))]
+        return list(zip(reward.fuse_judgements(per_mode, "cme")[0], parts))
+    return judge
 
 
 def score_files(out, variant):
@@ -562,15 +539,9 @@ def score_files(out, variant):
 
 def run_policy(args):
     rank, world, device = setup_dist()
-    fields = {"id": "id", "prompt": "text", "image": "image" if args.kind == "edit" else "image?", "requirement": "str?",
-              "toy": "dict?"}
+    fields = {"id": "id", "prompt": "text", "image": "image" if args.kind == "edit" else "image?", "requirement": "str?"}
     recs = read_manifest(args.prompts, fields, images="decode" if args.kind == "edit" else "exist")[:args.limit]
-    if args.judge == "pixel" and any("toy" not in r for r in recs):
-        die(f"{args.prompts}: --judge pixel needs the miniature world's 'toy' field in every record; "
-            "use --judge critic:PATH")
-    K, base_dir, policies = args.samples_per_prompt, Path(args.prompts).parent, {"base": None, **args.tuned}
-    tag = "pixel" if args.judge == "pixel" else "critic-" + Path(args.judge[7:].rstrip("/")).name
-    out = Path(args.out or f"runs/mini/bench/policy_{args.kind}_{tag}")
+    K, base_dir, policies, out = args.samples_per_prompt, Path(args.prompts).parent, {"base": None, **args.tuned}, Path(args.out)
     fp = fingerprint(args.base, args.kind, args.judge, args.seed, K, args.steps,
                      *(fingerprint(p, n) for n, p in args.tuned.items()))
     start_fresh_if_changed(out, fp, rank, "the policies, judge, seeds or steps")
@@ -587,14 +558,13 @@ def run_policy(args):
         (out / "images" / variant).mkdir(parents=True, exist_ok=True)
         for s in range(0, len(mine), args.batch_size):
             chunk = mine[s:s + args.batch_size]
-            rs, seeds = [dict(r) for _, r, _ in chunk], [args.seed + g for g, _, _ in chunk]
+            rs, seeds, srcs = [r for _, r, _ in chunk], [args.seed + g for g, _, _ in chunk], None
             if args.kind == "gen":
                 ims = rl.generate(model, [r["prompt"] for r in rs], seeds, steps=steps)
             else:
-                for r in rs:
-                    r["_src"] = load_image(r["image"], base_dir)
-                ims = rl.edit(model, [r["_src"] for r in rs], [r["prompt"] for r in rs], seeds, steps=steps)
-            for (g, r, k), im, (score, parts) in zip(chunk, ims, judge(rs, ims)):
+                srcs = [load_image(r["image"], base_dir) for r in rs]
+                ims = rl.edit(model, srcs, [r["prompt"] for r in rs], seeds, steps=steps)
+            for (g, r, k), im, (score, parts) in zip(chunk, ims, judge(rs, ims, srcs)):
                 im.save(out / "images" / variant / f"{r['id']}_{k}.png")
                 append_jsonl(out / f"scores-{variant}-{rank}.jsonl", {"uid": f"{r['id']}#{k}", "id": r["id"],
                              "sample": k, "seed": args.seed + g, "score": score, "parts": parts})
@@ -611,11 +581,9 @@ def policy_summary(args, recs, out, base_dir, scores):
            "samples_per_prompt": args.samples_per_prompt, "seed": args.seed, "variants": {}}
     for v, rows in scores.items():
         good = [r["score"] for r in rows.values() if r["score"] is not None]
-        parts = {}
-        for r in rows.values():
-            for k, x in r.get("parts", {}).items():
-                parts.setdefault(k, []).append(x)
         m, ci = mean_ci(good)
+        names = dict.fromkeys(k for r in rows.values() for k in r["parts"])  # gen: none; edit: execution, consistency
+        parts = {k: [r["parts"][k] for r in rows.values() if k in r["parts"]] for k in names}
         res["variants"][v] = {"n": len(rows), "failures": len(rows) - len(good), "mean": m, "ci95": ci,
                               "parts": {k: float(np.mean(x)) for k, x in parts.items()}}
     for v in args.tuned:  # paired by prompt and seed: the CI of the gain is tighter than of either mean
@@ -625,11 +593,8 @@ def policy_summary(args, recs, out, base_dir, scores):
         res[f"{v}_minus_base"] = {"n": len(both), "mean": m, "ci95": ci}
     write_json(out / "policy.json", res)
     grid = []
-    for r in recs[:args.grid_rows]:  # source | target (the miniature world's exact answer) | base | tuned ...
+    for r in recs[:args.grid_rows]:  # source (edit) | base | tuned ...: sample 0 of each prompt
         cells = [load_image(r["image"], base_dir)] if args.kind == "edit" else []
-        if "toy" in r:
-            import toy
-            cells.append(toy.render(toy.Scene.from_dict(r["toy"].get("target_scene", r["toy"]["scene"])), 64))
         cells += [load_image(p) for v in scores if (p := out / "images" / v / f"{r['id']}_0.png").is_file()]
         grid.append([c.resize((128, 128), Image.NEAREST) for c in cells])
     if grid:
@@ -637,64 +602,20 @@ def policy_summary(args, recs, out, base_dir, scores):
     parts = list(dict.fromkeys(k for x in res["variants"].values() for k in x["parts"]))
     ci = lambda x: "—" if math.isnan(x["ci95"]) else f"+-{x['ci95']:.3f}"
     row = lambda name, x, cells: " | ".join(["", name, str(x["n"]), fmt(x["mean"], 3), ci(x), *map(str, cells), ""])
+    fusion = ("CME = execution x (0.6 + 0.4 consistency), the parts as (s - 1) / 4" if args.kind == "edit" else
+              "QMA = instruction x (0.4 + 0.6 min quality)")
     md = [f"# Policy evaluation ({args.kind}, judge {args.judge})", "",
           f"{len(recs)} prompts x {args.samples_per_prompt} seeds (seed = {args.seed} + global index, the same for "
-          "every policy). Mean +- 1.96 std/sqrt(n); the gains are paired per prompt and seed."
-          + (f" The judge's score is the product of its parts: {', '.join(parts)}." if parts else ""), "",
+          f"every policy). The judge's score is {fusion}. Mean +- 1.96 std/sqrt(n); the gains are paired per "
+          "prompt and seed.", "",
           "| policy | n | mean score | 95% CI | " + "".join(f"{p} | " for p in parts) + "judge failures |",
           "|---" * (5 + len(parts)) + "|"]
     md += [row(v, x, [fmt(x["parts"].get(p), 3) for p in parts] + [x["failures"]]).strip()
            for v, x in res["variants"].items()]
     md += [row(f"{v} - base", res[f"{v}_minus_base"], [""] * (len(parts) + 1)).strip() for v in args.tuned]
-    cols = ("source | " if args.kind == "edit" else "") + ("target | " if recs and "toy" in recs[0] else "")
-    md += ["", f"![grid ({cols}{' | '.join(scores)})](grid.png)", ""]
+    md += ["", f"![grid ({'source | ' if args.kind == 'edit' else ''}{' | '.join(scores)})](grid.png)", ""]
     (out / "policy.md").write_text("\n".join(md))
     print("\n".join(md), flush=True)
-
-
-# -----------------------------------------------------------------------------
-# report command: gather the pipeline's outputs into one Markdown page
-
-
-def run_report(args):
-    root = Path(args.root)
-    (root / "report").mkdir(parents=True, exist_ok=True)
-    md = ["# FIRM miniature pipeline report", "", "Generated by `python bench.py report --preset mini`; sections "
-          "whose inputs are missing say which command makes them.", "", "## 1. Critics on the miniature FIRM-Bench", ""]
-    crit = root / "bench" / "critics.md"
-    if crit.is_file():
-        md += [crit.read_text(), "Confusion matrices: " + ", ".join(
-            f"[{p.stem[10:]}](bench/{p.name})" for p in sorted((root / "bench").glob("confusion_*.png"))), ""]
-    else:
-        md += ["_missing: run `python bench.py critics --preset mini`_", ""]
-    md += ["## 2. RL runs (training reward as logged; held-out evaluation from eval.jsonl when present)", ""]
-    runs = [d for d in sorted(root.glob("rl_gen*")) + sorted(root.glob("rl_edit*")) if (d / "metrics.jsonl").is_file()]
-    md += ["| run | log rows | reward first | reward last (mean of last 10%) | held-out eval first -> last | curve |",
-           "|---|---|---|---|---|---|"] if runs else [
-        "_missing: no runs/mini/rl_gen*/metrics.jsonl or rl_edit*/metrics.jsonl (run rl_gen.py / rl_edit.py)_", ""]
-    for d in runs:  # rl_gen logs held-out numbers to eval.jsonl, rl_edit as eval_* columns of metrics.jsonl
-        rows = read_jsonl_resumable(d / "metrics.jsonl")
-        rows_all = rows + read_jsonl_resumable(d / "eval.jsonl")
-        series = lambda k: [(r.get("step", i), r[k]) for i, r in enumerate(rows_all)
-                            if isinstance(r.get(k), (int, float))]
-        keys = sorted({k for r in rows_all for k in r if any(w in k for w in ("reward", "judge", "pixel"))
-                       and not k.endswith("_std") and not k.startswith("t_") and series(k)})  # t_reward: seconds
-        png = root / "report" / f"{d.name}_reward.png"
-        plot_curves(png, {k: series(k) for k in keys}, title=f"{d.name}: reward and held-out judge")
-        vals = [y for _, y in series("reward")]
-        held = [k for k in ("eval_reward", "eval_judge", "eval_pixel", "eval_fail", "eval_parse_failures") if series(k)]
-        held = "; ".join(f"{k} {fmt(series(k)[0][1], 3)} -> {fmt(series(k)[-1][1], 3)}" for k in held[:3])
-        last = fmt(float(np.mean(vals[-max(1, len(vals) // 10):])), 3) if vals else "—"
-        md.append(f"| {d.name} | {len(rows)} | {fmt(vals[0], 3) if vals else '—'} | {last} | {held or '—'} | "
-                  f"![{d.name}](report/{png.name}) |")
-    md += ["", "## 3. Policies on held-out prompts (independent judge)", ""]
-    evals = sorted((root / "bench").glob("policy*/policy.md"))
-    md += [p.read_text().replace("](grid.png)", f"]({p.parent.relative_to(root)}/grid.png)")
-           .replace("# Policy", "### Policy") for p in evals] or [
-        "_missing: run `python bench.py policy --preset mini --kind gen|edit`_", ""]
-    (root / "REPORT.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {root / 'REPORT.md'} ({'critics ' if crit.is_file() else ''}{len(runs)} RL run(s), "
-          f"{len(evals)} policy eval(s))")
 
 
 # -----------------------------------------------------------------------------
@@ -702,11 +623,10 @@ def run_report(args):
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="FIRM-Bench for critics, policy evaluation, report")
+    ap = argparse.ArgumentParser(description="FIRM-Bench for critics, policy evaluation")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c, p, r = (sub.add_parser(n, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-               for n in ("critics", "policy", "report"))
-    for q in (c, p, r):
+    c, p = (sub.add_parser(n, formatter_class=argparse.ArgumentDefaultsHelpFormatter) for n in ("critics", "policy"))
+    for q in (c, p):
         q.add_argument("--preset", default=None, choices=sorted(PRESETS), help="the miniature world's paths")
         q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     # critics: bench
@@ -716,22 +636,22 @@ def get_args(argv=None):
     c.add_argument("--limit", type=int, default=None, help="items per split (quick runs)")
     # critics: critics and decoding
     c.add_argument("--critic", action="append", default=None, help="NAME=SPEC[@edit|@gen]; SPEC = model dir | "
-                   "http://host:port/v1[#served name] (an OpenAI-compatible endpoint) | file:preds.jsonl | "
-                   "constant[:k] | oracle:noise[:report|direct]")
+                   "http://host:port/v1[#served name] | package.module:factory | file:preds.jsonl | constant[:k]")
     c.add_argument("--sft-dir", default=None, help="SFT files whose mean score the 'constant' baseline predicts")
     c.add_argument("--method", default="generate", choices=["generate", "expected"], help="critic scoring method")
     c.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")
     c.add_argument("--max-new-tokens", type=int, default=None, help="tokens per critic answer (default: reward.MAX_NEW_TOKENS, "
-                   "the release's 256 edit / 8192 gen; mini 192)")
+                   "the release's 256 edit / 8192 gen)")
     c.add_argument("--batch-size", type=int, default=16, help="items per critic batch")
     c.add_argument("--out", default=None, help="output directory (critics.md, critics.json, confusion_*.png, preds/)")
-    # policy: models and prompts
+    # policy: models, prompts, judge
     p.add_argument("--kind", required=True, choices=["gen", "edit"])
     p.add_argument("--base", default=None, help="policy model directory (gen: SD3-style, edit: Qwen-Image-Edit-style)")
     p.add_argument("--tuned", action="append", default=None,
                    help="[NAME=]DIR of a tuned policy's LoRA (repeatable; NAME defaults to 'tuned')")
-    p.add_argument("--prompts", default=None, help="held-out JSONL {id, prompt[, image, toy]}")
-    p.add_argument("--judge", default="pixel", help="'pixel' (miniature world) or critic:PATH_OR_URL")
+    p.add_argument("--prompts", default=None, help="held-out JSONL {id, prompt[, image, requirement]}")
+    p.add_argument("--judge", default=None, help="the independent judge: model dir | http://host:port/v1[#name] | "
+                   "package.module:factory")
     # policy: sampling and output
     p.add_argument("--samples-per-prompt", type=int, default=4, help="seeds per prompt")
     p.add_argument("--seed", type=int, default=1000, help="seed of global sample 0")
@@ -739,22 +659,17 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="samples per generation batch")
     p.add_argument("--limit", type=int, default=None, help="prompts to use (default all)")
     p.add_argument("--grid-rows", type=int, default=8, help="prompts shown in grid.png")
-    p.add_argument("--out", default=None, help="output directory (default runs/mini/bench/policy_<kind>_<judge>)")
-    # report
-    r.add_argument("--root", default="runs/mini", help="pipeline root to gather")
+    p.add_argument("--out", default=None, help="output directory (policy.md, policy.json, grid.png, images/)")
     args = ap.parse_args(argv)
     args.preset_critics = args.cmd == "critics" and args.critic is None and args.preset is not None
     for k, v in PRESETS.get(args.preset, {}).get(" ".join([args.cmd, getattr(args, "kind", "")]).strip(), {}).items():
         if getattr(args, k) is None:  # the preset fills what the user did not give
             setattr(args, k, v)
-    if args.cmd == "critics":
-        if not (args.bench_dir and args.out and args.critic):
-            ap.error("critics needs --bench-dir, --out and --critic (or --preset mini)")
+    if args.cmd == "critics" and not (args.bench_dir and args.out and args.critic):
+        ap.error("critics needs --bench-dir, --out and --critic (or --preset mini)")
     if args.cmd == "policy":
-        if not (args.base and args.tuned and args.prompts):
-            ap.error("policy needs --base, --tuned and --prompts (or --preset mini)")
-        if args.judge != "pixel" and not args.judge.startswith("critic:"):
-            ap.error(f"--judge {args.judge!r}: expected 'pixel' or 'critic:PATH_OR_URL'")
+        if not (args.base and args.tuned and args.prompts and args.judge and args.out):
+            ap.error("policy needs --base, --tuned, --prompts, --judge and --out (or --preset mini)")
         args.tuned = dict(t.split("=", 1) if "=" in t else ("tuned", t) for t in args.tuned)
         for name, path in args.tuned.items():  # what rl_gen.py / rl_edit.py write at the end of a run
             if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name == "base":
@@ -770,7 +685,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        {"critics": run_critics, "policy": run_policy, "report": run_report}[args.cmd](args)
+        {"critics": run_critics, "policy": run_policy}[args.cmd](args)
     except DataError as e:
         die(str(e))
 

@@ -1,5 +1,6 @@
-"""bench.py: metrics against hand-computed values, the bench reader's errors, failure accounting,
-the critics CLI (resume, two ranks under torchrun), policy evaluation with stub policies, the report."""
+"""bench.py: metrics against hand-computed values, the bench reader's errors, failure accounting, the critics CLI
+(resume, two ranks under torchrun, a factory critic handed each item's record), policy evaluation with stub
+policies and the paper's fusions; toy/report.py, the miniature run's report."""
 
 import json
 import math
@@ -13,6 +14,7 @@ import pytest
 
 import bench
 import toy
+import toy.report
 from common import DataError, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +171,7 @@ def test_critics_cli_on_miniature_bench_counts_base_failures_and_resumes(mini_da
     out = tmp_path / "out"
     argv = ["critics", "--bench-dir", str(mini_data / "bench"), "--out", str(out), "--limit", "4", "--max-new-tokens", "8",
             "--sft-dir", str(mini_data / "sft"), "--threads", "1", "--critic", f"base={critic_base}", "--critic", "constant=constant",
-            "--critic", "teacher=oracle:0.15:report"]
+            "--critic", "teacher=toy.oracle:noisy"]
     with pytest.raises(SystemExit) as exit:  # a critic the user names must exist: an error before anything is scored
         bench.main(argv + ["--critic", "missing=/nonexistent/critic@edit"])
     assert exit.value.code == 2 and "--critic missing: not found: /nonexistent/critic" in capsys.readouterr().err
@@ -190,7 +192,7 @@ def test_critics_cli_on_miniature_bench_counts_base_failures_and_resumes(mini_da
 
 
 def test_two_ranks_under_torchrun_shard_and_merge_like_one(mini_data, tmp_path):
-    common = ["critics", "--bench-dir", str(mini_data / "bench"), "--limit", "5", "--critic", "teacher=oracle:0.15",
+    common = ["critics", "--bench-dir", str(mini_data / "bench"), "--limit", "5", "--critic", "teacher=toy.oracle:noisy",
               "--critic", "three=constant:3"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "bench.py")]
@@ -201,6 +203,52 @@ def test_two_ranks_under_torchrun_shard_and_merge_like_one(mini_data, tmp_path):
     assert all(two[c]["metrics"] == one[c]["metrics"] for c in ("teacher", "three"))
     keys = [r["key"] for r in read_jsonl(tmp_path / "two" / "preds" / "teacher" / "predictions.jsonl")]
     assert len(keys) == len(set(keys)) == 15 and not list((tmp_path / "two" / "preds").glob("*/part-*.jsonl"))
+
+
+STANDIN = """
+import reward
+SEEN = []
+
+class Knows:
+    \"\"\"A stand-in critic that knows the answer: it reads it from each item's record.\"\"\"
+    def score(self, mode, items, method="generate", samples=1):
+        SEEN.extend((mode, it) for it in items)
+        return [reward.Judgement([it["record"]["{field}"]] * reward.N_SCORES[mode], "", True) for it in items]
+
+def knows():
+    return Knows()
+"""
+
+
+def standin_factory(tmp_path, monkeypatch, name, field):
+    """A factory module `name` on sys.path whose critic answers record[field] for every score."""
+    (tmp_path / f"{name}.py").write_text(STANDIN.replace("{field}", field))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return __import__(name)
+
+
+def test_a_factory_critic_is_handed_each_bench_row_as_the_record(tmp_path, monkeypatch):
+    d = tiny_bench(tmp_path / "bench")
+    for f in ("a.png", "b.png", "g.png"):
+        toy.render(toy.Scene("white", []), 16).save(d / f)
+    module = standin_factory(tmp_path, monkeypatch, "bench_standin_critic", "human_score")
+    out = tmp_path / "out"
+    bench.main(["critics", "--bench-dir", str(d), "--out", str(out), "--critic", "knows=bench_standin_critic:knows"])
+    m = json.loads((out / "critics.json").read_text())["critics"]["knows"]["metrics"]
+    assert m["edit_overall"]["mae"] == m["gen_overall"]["mae"] == 0 and m["edit_overall"]["parsed"] == 5
+    seen = {(mode, it["record"]["id"]) for mode, it in module.SEEN}  # the bench rows, one call per item and mode
+    assert seen == {("execution", "x0"), ("execution", "x1"), ("execution", "x2"), ("consistency", "c0"),
+                    ("consistency", "c1"), ("instruction", "g0"), ("instruction", "g1")}
+    assert all(it["edited"].size == (16, 16) for mode, it in module.SEEN if mode != "instruction")  # the images too
+
+
+def test_a_critic_factory_that_cannot_be_found_is_named_before_anything_is_scored(tmp_path, capsys):
+    d = tiny_bench(tmp_path / "bench")
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["critics", "--bench-dir", str(d), "--out", str(tmp_path / "out"), "--critic", "three=constant:3",
+                    "--critic", "gone=no_such_package_here.judges:pixel"])
+    assert exit.value.code == 2 and "--critic gone: no Python package for no_such_package_here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -233,20 +281,27 @@ def test_policy_eval_with_pixel_judge_reports_gain_with_ci_writes_grid_and_resum
     stub_policies(monkeypatch, gen_recs, edit_recs)
     lora = lora_dir(tmp_path / "lora")  # the stub ignores it, but a tuned policy must exist
     for kind, recs in (("gen", gen_recs), ("edit", edit_recs)):
-        out = tmp_path / f"policy_{kind}"
-        bench.main(["policy", "--kind", kind, "--base", "unused", "--tuned", str(lora), "--prompts", str(mini_data / "rl" / f"{kind}_test.jsonl"),
-                    "--samples-per-prompt", "2", "--out", str(out)])
+        out = tmp_path / "bench" / f"policy_{kind}"
+        argv = ["policy", "--kind", kind, "--base", "unused", "--tuned", str(lora), "--prompts",
+                str(mini_data / "rl" / f"{kind}_test.jsonl"), "--judge", "toy.judges:pixel", "--samples-per-prompt", "2",
+                "--out", str(out)]
+        bench.main(argv)
         res = json.loads((out / "policy.json").read_text())
         base, tuned = res["variants"]["base"], res["variants"]["tuned"]
         assert base["n"] == tuned["n"] == 2 * len(recs) and tuned["failures"] == 0
         assert tuned["mean"] > 0.95 > base["mean"] and res["tuned_minus_base"]["mean"] > 0.3
         assert (out / "grid.png").is_file() and "tuned - base" in (out / "policy.md").read_text()
         capsys.readouterr()
-        bench.main(["policy", "--kind", kind, "--base", "unused", "--tuned", str(lora), "--prompts", str(mini_data / "rl" / f"{kind}_test.jsonl"),
-                    "--samples-per-prompt", "2", "--out", str(out)])
+        bench.main(argv)
         assert "did" not in capsys.readouterr().out  # a finished run resumes to nothing to do
         seeds = sorted(r["seed"] for r in read_jsonl(out / "scores-base-0.jsonl"))
         assert seeds == sorted(r["seed"] for r in read_jsonl(out / "scores-tuned-0.jsonl")) == list(range(1000, 1000 + 2 * len(recs)))
+    # the world's report shows each policy's grid with the exact target beside the samples
+    toy.report.main(["--root", str(tmp_path)])
+    md = (tmp_path / "REPORT.md").read_text()
+    assert "![grid (source | target | base | tuned)](report/policy_edit_grid.png)" in md
+    assert "![grid (target | base | tuned)](report/policy_gen_grid.png)" in md and "tuned - base" in md
+    assert (tmp_path / "report" / "policy_edit_grid.png").is_file()
 
 
 def test_policy_eval_puts_several_tuned_editors_side_by_side_with_region_scores(mini_data, tmp_path, monkeypatch):
@@ -257,15 +312,35 @@ def test_policy_eval_puts_several_tuned_editors_side_by_side_with_region_scores(
     out = tmp_path / "policy_edit"
     bench.main(["policy", "--kind", "edit", "--base", "unused", "--tuned", f"cme={tmp_path / 'cme'}", "--tuned",
                 f"sum55={tmp_path / 'sum55'}", "--prompts", str(mini_data / "rl" / "edit_test.jsonl"),
-                "--samples-per-prompt", "1", "--limit", "4", "--out", str(out)])
+                "--judge", "toy.judges:pixel", "--samples-per-prompt", "1", "--limit", "4", "--out", str(out)])
     res = json.loads((out / "policy.json").read_text())
     assert list(res["variants"]) == ["base", "cme", "sum55"]
     base, cme = res["variants"]["base"], res["variants"]["cme"]
-    assert set(base["parts"]) == set(cme["parts"]) == {"edited", "kept"}
-    # the stub base leaves the source unchanged: the kept region is perfect, the edited region is not
-    assert base["parts"]["kept"] == 1.0 > base["parts"]["edited"] and cme["parts"]["edited"] == 1.0
+    assert set(base["parts"]) == set(cme["parts"]) == {"execution", "consistency"}
+    # the stub base leaves the source unchanged: the pixel judge's kept region (consistency) is perfect, the edited
+    # region (execution) is not; CME = E (0.6 + 0.4 C) from the parts
+    assert base["parts"]["consistency"] == 1.0 > base["parts"]["execution"] and cme["parts"]["execution"] == 1.0
+    scores = read_jsonl(out / "scores-base-0.jsonl")
+    assert all(r["score"] == pytest.approx(r["parts"]["execution"] * (0.6 + 0.4 * r["parts"]["consistency"])) for r in scores)
     md = (out / "policy.md").read_text()
-    assert "| edited | kept |" in md and "| cme - base |" in md and "| sum55 - base |" in md
+    assert "| execution | consistency |" in md and "| cme - base |" in md and "| sum55 - base |" in md
+
+
+def test_policy_judge_is_any_critic_spec_and_is_handed_each_prompt_record(mini_data, tmp_path, monkeypatch):
+    gen_recs, edit_recs = read_jsonl(mini_data / "rl" / "gen_test.jsonl"), read_jsonl(mini_data / "rl" / "edit_test.jsonl")
+    stub_policies(monkeypatch, gen_recs, edit_recs)
+    module = standin_factory(tmp_path, monkeypatch, "bench_standin_judge", "score_for_test")
+    recs = [dict(r, score_for_test=1 + i % 5) for i, r in enumerate(gen_recs)]  # what the stand-in judge answers
+    prompts = tmp_path / "gen_test.jsonl"
+    write_jsonl(prompts, recs)
+    bench.main(["policy", "--kind", "gen", "--base", "unused", "--tuned", str(lora_dir(tmp_path / "lora")), "--prompts",
+                str(prompts), "--judge", "bench_standin_judge:knows", "--samples-per-prompt", "1", "--out", str(tmp_path / "out")])
+    assert {it["record"]["id"] for _, it in module.SEEN} == {r["id"] for r in recs}
+    assert {mode for mode, _ in module.SEEN} == {"instruction", "quality"}  # QMA asks both
+    scores = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "scores-tuned-0.jsonl")}
+    for r in recs:  # QMA = I (0.4 + 0.6 Q) with I = Q = (s - 1) / 4; the gen parts are the fused score alone
+        s = (r["score_for_test"] - 1) / 4
+        assert scores[r["id"]]["score"] == pytest.approx(s * (0.4 + 0.6 * s)) and scores[r["id"]]["parts"] == {}
 
 
 def test_policy_preset_names_base_and_tuned_editors_and_rejects_a_missing_one(tmp_path, monkeypatch, capsys):
@@ -277,6 +352,7 @@ def test_policy_preset_names_base_and_tuned_editors_and_rejects_a_missing_one(tm
     lora_dir(tmp_path / "runs/mini/rl_edit_sum55")
     args = bench.get_args(["policy", "--preset", "mini", "--kind", "edit"])
     assert args.base == "runs/mini/models/edit-base" and args.prompts == "runs/mini/data/rl/edit_test.jsonl"
+    assert args.judge == "toy.judges:pixel" and args.out == "runs/mini/bench/policy_edit_pixel"
     assert args.tuned == {"cme": "runs/mini/rl_edit_cme", "sum55": "runs/mini/rl_edit_sum55"}
     lora_dir(tmp_path / "runs/mini/rl_gen")
     lora_dir(tmp_path / "runs/mini/rl_gen_pixel")
@@ -285,18 +361,20 @@ def test_policy_preset_names_base_and_tuned_editors_and_rejects_a_missing_one(tm
 
 
 # -----------------------------------------------------------------------------
-# report
+# the miniature run's report (toy/report.py)
 
 
-def test_report_gathers_what_exists_and_names_what_is_missing(tmp_path):
+def test_report_gathers_what_exists_reads_held_out_numbers_from_eval_jsonl_and_names_what_is_missing(tmp_path):
     root = tmp_path / "mini"
     (root / "bench").mkdir(parents=True)
     (root / "bench" / "critics.md").write_text("| critic | exec MAE |\n|---|---|\n| c | 0.40 |\n")
     write_jsonl(root / "rl_gen" / "metrics.jsonl", [{"step": s, "reward": 0.5 + 0.01 * s, "loss": 1.0} for s in range(20)])
-    write_jsonl(root / "rl_edit_cme" / "metrics.jsonl", [{"step": 0, "eval_reward": 0.2}, {"step": 1, "reward": 0.3}, {"step": 2, "eval_reward": 0.4}])
-    bench.main(["report", "--root", str(root)])
+    write_jsonl(root / "rl_edit_cme" / "metrics.jsonl", [{"step": 1, "reward": 0.3, "reward_fail": 0}])
+    write_jsonl(root / "rl_edit_cme" / "eval.jsonl", [{"step": 0, "eval_reward": 0.2, "eval_judge": 0.1},
+                                                      {"step": 2, "eval_reward": 0.4, "eval_judge": 0.5}])
+    toy.main(["report", "--root", str(root)])  # python -m toy report
     md = (root / "REPORT.md").read_text()
     assert "| c | 0.40 |" in md and "| rl_gen | 20 | 0.500 | 0.685 | — |" in md
-    assert "| rl_edit_cme | 3 | 0.300 | 0.300 | eval_reward 0.200 -> 0.400 |" in md  # eval rows inside metrics.jsonl
-    assert (root / "report" / "rl_gen_reward.png").is_file()
+    assert "| rl_edit_cme | 1 | 0.300 | 0.300 | eval_reward 0.200 -> 0.400; eval_judge 0.100 -> 0.500 |" in md
+    assert (root / "report" / "rl_gen_reward.png").is_file() and (root / "report" / "rl_edit_cme_reward.png").is_file()
     assert "_missing: run `python bench.py policy" in md
