@@ -51,6 +51,6 @@ side_by_side \
 
 stage "4/4 evaluate the policies with the independent pixel judge, write the report"
 side_by_side eval-gen "python bench.py policy --preset mini --kind gen" eval-edit "python bench.py policy --preset mini --kind edit"
-python bench.py report --preset mini 2>&1 | tee $R/logs/report.log
+python -m toy report 2>&1 | tee $R/logs/report.log
 
 stage "done: open $R/REPORT.md"
