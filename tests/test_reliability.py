@@ -59,6 +59,8 @@ def test_reward_score_refuses_to_resume_over_a_damaged_output(mini_data, critic_
 
 
 def test_a_critic_base_killed_while_being_built_is_built_again(tmp_path, monkeypatch):
+    import argparse
+    from toy import data as world_data
     root, calls = tmp_path / "data", []
     (root / "sft").mkdir(parents=True)
 
@@ -71,13 +73,17 @@ def test_a_critic_base_killed_while_being_built_is_built_again(tmp_path, monkeyp
         (out / "config.json").write_text("{}")
         return 1
 
-    monkeypatch.setattr(curate.toy, "build_tiny_critic", build)
-    args = curate.get_args(["--critic-vision-steps", "0"])
+    monkeypatch.setattr(world_data, "build_tiny_critic", build)
+    monkeypatch.setattr(world_data, "write_vlm", lambda root, seed: None)  # the seeing-stage records: not under test
+    ap = argparse.ArgumentParser()
+    world_data.critic_base_args(ap)
+    final = tmp_path / "models" / "critic-base"
+    args = ap.parse_args(["--data", str(root), "--out", str(final), "--vision-steps", "0"])
     with pytest.raises(KeyboardInterrupt):
-        curate.build_critic_base(root, args)
-    final = root.parent / "models" / "critic-base"
+        world_data.build_critic_base(args)
     assert not final.exists()  # the broken build is not taken for a finished one ...
-    assert curate.build_critic_base(root, args) == final and len(calls) == 2  # ... the rerun builds it again
+    world_data.build_critic_base(args)
+    assert len(calls) == 2  # ... the rerun builds it again
     assert (final / "config.json").read_text() == "{}" and not final.with_name("critic-base.tmp").exists()
 
 
@@ -142,7 +148,7 @@ def test_curate_checks_every_image_before_it_judges_anything(mini_data, tmp_path
     monkeypatch.setattr(curate, "make_backend", lambda args: Judge())
     try:
         with pytest.raises(DataError, match=r"cands-corrupt-last.jsonl:5: field 'edited': image .*corrupt-last.png cannot be read"):
-            curate.main(curate.get_args(["--edit-candidates", str(cands), "--out", str(tmp_path / "out")]))
+            curate.main(curate.get_args(["--judge", "unused", "--edit-candidates", str(cands), "--out", str(tmp_path / "out")]))
     finally:
         cands.unlink()
         (bench / "corrupt-last.png").unlink()
