@@ -238,14 +238,14 @@ def save_checkpoint(out, model, params, opt, old, ema, step, rank):
     dist.barrier()  # no rank runs on (and may save again) before the checkpoint is in place
 
 
-def find_checkpoint(out, rank):
-    """out/checkpoint when a complete one exists; after a kill in the middle of a save, rank 0 first puts the newest
-    complete copy back in its place (recover_dir). Collective."""
+def find_checkpoint(out, rank, marker="state.json"):
+    """out/checkpoint when a complete one exists (its `marker` file, written last, is there); after a kill in the
+    middle of a save, rank 0 first puts the newest complete copy back in its place (recover_dir). Collective."""
     if rank == 0:
-        recover_dir(Path(out) / "checkpoint", "state.json")
+        recover_dir(Path(out) / "checkpoint", marker)
     dist.barrier()  # the other ranks look only after rank 0 has put it back
     ckpt = Path(out) / "checkpoint"
-    return ckpt if (ckpt / "state.json").is_file() else None
+    return ckpt if (ckpt / marker).is_file() else None
 
 
 def load_checkpoint(ckpt, model, params, opt, strict=True):
@@ -261,6 +261,75 @@ def load_checkpoint(ckpt, model, params, opt, strict=True):
 def keep_rows_through(path, step):
     """On resume: drop the rows a killed run logged after its checkpoint's step (the rerun logs them again)."""
     write_jsonl(path, [r for r in read_jsonl_resumable(path) if r["step"] <= step])
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face model directories from FSDP2-sharded models (train_reward.py): save, checkpoint, resume
+
+
+def hf_config_dtype(path):
+    """The dtype a model directory's config.json declares (a fine-tuned copy is saved in it); fp32 if none."""
+    from transformers import AutoConfig
+    dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def local_param_bytes(model):
+    """Bytes of parameters this rank holds (its FSDP shards)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
+
+
+def save_hf_model(model, processor, out, dtype, rank):
+    """Gather the full state dict and write a model directory that from_pretrained opens, in `dtype`, on rank 0.
+    Collective: the full state dict is all-gathered from the shards, so every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    sd = get_model_state_dict(model, options=_state_dict_options(cpu_offload=True))
+    if rank == 0:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        tmp = Path(str(out) + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        # save_pretrained records the dtype of the (fp32 master) parameters; the weights on disk are `dtype`, and
+        # from_pretrained / vLLM with dtype "auto" read this field: an 8B critic would otherwise load in fp32 (33 GB)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+        write_json(tmp / "config.json", cfg)
+        processor.save_pretrained(tmp)
+        # `out` may also hold logs and the checkpoint, so the model moves in file by file: config.json goes first and
+        # comes back last, so that a folder with a config.json always holds one whole model, even after a kill
+        (Path(out) / "config.json").unlink(missing_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(f, Path(out) / f.name)
+        tmp.rmdir()
+
+
+def save_hf_checkpoint(out, model, opt, processor, step, state, rank):
+    """out/checkpoint: an fp32 model directory (resume continues from the exact weights) + the optimizer state
+    (optimizer_state's format) + trainer_state.json (`state`, step, param groups), written under checkpoint.tmp and
+    swapped in (replace_dir). Collective."""
+    tmp = Path(out) / "checkpoint.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()  # rank 0 has made the empty folder before any rank writes into it
+    save_hf_model(model, processor, tmp, torch.float32, rank)
+    flat, groups = optimizer_state(model, opt)
+    if rank == 0:
+        save_file(flat, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "trainer_state.json", dict(state, step=step, param_groups=groups))  # last: marks it complete
+        replace_dir(tmp, Path(out) / "checkpoint")
+    dist.barrier()  # no rank runs on (or exits) before the checkpoint is complete on disk
+
+
+def load_hf_checkpoint(ckpt, model, opt, state):
+    """The optimizer state of `ckpt` into opt (its weights were loaded as the model); returns its step. Refuses a
+    checkpoint whose `state` (the settings the data order depends on) differs: resuming would change the order."""
+    saved = json.loads((ckpt / "trainer_state.json").read_text())
+    for k, v in state.items():
+        if saved.get(k) != v:
+            die(f"--resume: {k} was {saved.get(k)!r} in {ckpt}, now {v!r}; use the same settings or a new --out")
+    set_optimizer_state(model, opt, load_file(str(ckpt / "optimizer.safetensors")), saved["param_groups"])
+    return saved["step"]
 
 
 # -----------------------------------------------------------------------------

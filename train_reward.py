@@ -33,9 +33,7 @@ Departures from the paper (which used LLaMA-Factory + DeepSpeed):
 """
 
 import argparse
-import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -44,14 +42,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
-from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, fill_from_rank0, fsdp_shard,
-                    full_state_of, keep_rows_through, load_image, load_on_rank0, optimizer_state, plot_curves, print0,
-                    read_jsonl_resumable, read_manifest, recover_dir, replace_dir, run_stage, seed_everything,
-                    set_optimizer_state, setup_dist, write_json, write_jsonl)
+from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, fill_from_rank0, find_checkpoint,
+                    fsdp_shard, full_state_of, hf_config_dtype, keep_rows_through, load_hf_checkpoint, load_image,
+                    load_on_rank0, local_param_bytes, plot_curves, print0, read_jsonl_resumable, read_manifest, run_stage,
+                    save_hf_checkpoint, save_hf_model, seed_everything, setup_dist, write_json, write_jsonl)
 from reward import IMAGE, N_SCORES, content_parts, parse_score
 
 # Qwen3-VL returns its per-image features as views; FSDP2 warns in case they are modified in place. We read only .logits.
@@ -282,14 +278,7 @@ def lr_at(step, total, warmup, peak):
 
 
 # -----------------------------------------------------------------------------
-# Model: load, shard (FSDP2), save; checkpoints
-
-
-def config_dtype(path):
-    """The dtype a model directory's config.json declares (the final critic is saved in it); fp32 if none."""
-    from transformers import AutoConfig
-    dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+# Model: load, shard (FSDP2); saving and checkpoints are common.save_hf_model / save_hf_checkpoint
 
 
 def load_base(path, rank, activation_checkpointing=False):
@@ -317,61 +306,6 @@ def shard(model, device, world):
     fsdp_shard(model, [*model.model.language_model.layers, model.model.visual], device, mesh)
     fill_from_rank0(model, full, device)
     return model
-
-
-def local_param_bytes(model):  # bytes of parameters this rank holds (its FSDP shards)
-    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
-
-
-def save_model(model, processor, out, save_dtype, rank):
-    """Gather the full state dict and write an HF model directory on rank 0."""
-    # sync point: the full state dict is all-gathered from the shards, so every rank must call this
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        sd = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        tmp = Path(str(out) + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        # save_pretrained records the dtype of the (fp32 master) parameters; the weights on disk are save_dtype, and
-        # from_pretrained / vLLM with dtype "auto" read this field: an 8B critic would otherwise load in fp32 (33 GB)
-        cfg = json.loads((tmp / "config.json").read_text())
-        cfg["dtype"] = str(save_dtype).removeprefix("torch.")
-        write_json(tmp / "config.json", cfg)
-        processor.save_pretrained(tmp)
-        # --out also holds logs and the checkpoint, so the model moves in file by file: config.json goes first and
-        # comes back last, so that a folder with a config.json always holds one whole model, even after a kill
-        (Path(out) / "config.json").unlink(missing_ok=True)
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
-            os.replace(f, Path(out) / f.name)
-        tmp.rmdir()
-
-
-def save_checkpoint(model, opt, processor, out, step, state, rank):
-    """out/checkpoint: fp32 model dir (resume continues from the exact weights) + full optimizer state (safetensors) +
-    trainer_state.json, written beside it and swapped in whole."""
-    ckpt, tmp = Path(out) / "checkpoint", Path(out) / "checkpoint.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()  # sync point: rank 0 has made the empty folder before any rank writes into it
-    save_model(model, processor, tmp, torch.float32, rank)
-    flat, groups = optimizer_state(model, opt)  # gathers the sharded optimizer state: every rank takes part
-    if rank == 0:
-        save_file(flat, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "trainer_state.json", dict(state, step=step, param_groups=groups))  # last: marks it complete
-        replace_dir(tmp, ckpt)
-    dist.barrier()  # sync point: no rank goes on (or exits) before the checkpoint is complete on disk
-
-
-def load_checkpoint(ckpt, model, opt, state):
-    """The optimizer state of `ckpt` into opt (its weights were loaded as the model); returns the step it reached.
-    Refuses a checkpoint made with other data-order settings: resuming it would silently train on a different order."""
-    saved = json.loads((ckpt / "trainer_state.json").read_text())
-    for k, v in state.items():
-        if saved.get(k) != v:
-            die(f"--resume: {k} was {saved.get(k)!r} in {ckpt}, now {v!r}; use the same settings or a new --out")
-    set_optimizer_state(model, opt, load_file(str(ckpt / "optimizer.safetensors")), saved["param_groups"])
-    return saved["step"]
 
 
 # -----------------------------------------------------------------------------
@@ -460,12 +394,9 @@ def main(args):
     warmup = int(args.warmup_ratio * total)
 
     # Model: rank 0 reads the weights, FSDP2 shards them (departure 1). A checkpoint is itself a model directory.
-    if args.resume and rank == 0:  # a kill in the middle of a save: put the newest complete copy back in its place
-        recover_dir(ckpt, "trainer_state.json")
-    dist.barrier()  # sync point: no rank looks for the checkpoint before rank 0 has put it back
-    resume = args.resume and (ckpt / "trainer_state.json").is_file()
+    resume = args.resume and find_checkpoint(out, rank, "trainer_state.json") is not None  # after a kill mid-save too
     model, processor = load_base(ckpt if resume else args.model, rank, args.activation_checkpointing)
-    save_dtype = config_dtype(args.model)  # the final model keeps the BASE model's dtype (a checkpoint is fp32)
+    save_dtype = hf_config_dtype(args.model)  # the final model keeps the BASE model's dtype (a checkpoint is fp32)
     n_params, full_bytes = sum(p.numel() for p in model.parameters()), sum(p.numel() * p.element_size() for p in model.parameters())
     model = shard(model, device, world)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else processor.tokenizer.eos_token_id
@@ -474,7 +405,7 @@ def main(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     state = {"train_file": str(args.train_file), "n_train": len(train_records), "global_batch": args.global_batch,
              "seed": args.seed, "total_steps": total}  # the data order depends on these: a resume must not change them
-    start = load_checkpoint(ckpt, model, opt, state) if resume else 0
+    start = load_hf_checkpoint(ckpt, model, opt, state) if resume else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if resume:  # drop rows logged after the checkpoint: the rerun logs them again
@@ -522,7 +453,7 @@ def main(args):
         log.log(done, **metrics)
         curves["train loss"].append((done, train_loss))
         if every(done, args.save_every) and done < total:
-            save_checkpoint(model, opt, processor, out, done, state, rank)
+            save_hf_checkpoint(out, model, opt, processor, done, state, rank)
             if rank == 0:
                 plot_curves(out / "loss.png", curves, title=f"critic SFT: {out.name}")
         if args.stop_after and done >= args.stop_after:
@@ -531,7 +462,7 @@ def main(args):
             return
 
     # Save: the model directory (all ranks gather), then on rank 0 its sidecar, the curve and a quick val MAE
-    save_model(model, processor, out, save_dtype, rank)
+    save_hf_model(model, processor, out, save_dtype, rank)
     summary = {"args": vars(args), "step": total, "base_model": str(args.model), "world_size": world,
                "data": {"train": str(args.train_file), "n_train": len(train_records), "val": str(args.val_file),
                         "n_val": len(val_records)},
