@@ -37,23 +37,21 @@ Departures from the paper:
 """
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import reward
-from common import (DataError, append_jsonl, check_field, check_image, cleanup_dist, die, image_grid, load_image,
-                    note_outside, print0, read_jsonl_lines, read_jsonl_resumable, read_manifest, setup_dist, write_json,
-                    write_jsonl)
+from common import (append_jsonl, check_field, check_image, cleanup_dist, confusion_png, DataError, die, fingerprint,
+                    image_grid, load_image, note_outside, print0, read_manifest, read_parts, read_records,
+                    setup_dist, start_fresh_if_changed, write_json, write_jsonl)
 
 SPLIT_MODE = {"execution": "execution", "consistency": "consistency", "gen": "instruction"}
 M = "runs/mini"
@@ -178,24 +176,6 @@ def get_path(row, path):
     return row
 
 
-def _lines(path):
-    """(line number, record) of a JSONL file, or of a JSON list (line = index + 1)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    if not text.lstrip().startswith("["):
-        return read_jsonl_lines(path)
-    try:
-        rows = list(enumerate(json.loads(text), 1))
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise DataError(f"{path}: not a valid JSON list ({getattr(e, 'msg', 'nested too deeply')})") from None
-    for n, row in rows:
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: item {n}: expected a JSON object, got {type(row).__name__}")
-    return rows
-
-
 def read_bench(bench_dir, layout="mini", field_map=None, limit=None, check_images=False):
     """Items {key, split, mode, id, human_score, root, record (the row), source/edited/instruction | image/prompt/difficulty}.
     Every field's type is checked; with check_images (a critic that looks at the pixels) also that every image is
@@ -214,9 +194,9 @@ def read_bench(bench_dir, layout="mini", field_map=None, limit=None, check_image
                 fields[f] = v
         scores = {}  # the release keeps the human scores in a second file, joined by id
         if spec.get("scores") and (bench_dir / spec["scores"]).is_file():
-            scores = {str(get_path(r, fields["id"])): r for _, r in _lines(bench_dir / spec["scores"])}
+            scores = {str(get_path(r, fields["id"])): r for _, r in read_records(bench_dir / spec["scores"])}
         seen, rows, images = set(), [], []
-        for n, raw in _lines(path):
+        for n, raw in read_records(path):
             row = {**raw, **scores.get(str(get_path(raw, fields["id"])), {})}
             if spec.get("skip_unscored") and get_path(row, fields["human_score"]) is _MISSING:
                 continue
@@ -322,39 +302,6 @@ def make_scorer(spec, args, device):
 
 
 # -----------------------------------------------------------------------------
-# resume: a rank appends each result as it is made; outputs are kept only while what made them is unchanged
-
-
-def fingerprint(path, *extra):
-    """What saved outputs depend on: flags/specs (`extra`) and the sizes and times of the weight files at `path`."""
-    p, parts = Path(path), [str(path), *extra]
-    files = (sorted(p.glob("*.safetensors")) + sorted(p.glob("*/*.safetensors")) + [p / "config.json"] if p.is_dir()
-             else [p] if p.is_file() else [])
-    parts += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
-
-
-def start_fresh_if_changed(out, fp, rank, what):
-    """Rank 0 clears `out` if its outputs were made by another model or other flags; all ranks wait for it."""
-    if rank == 0:
-        meta = Path(out) / "run.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
-            print0(f"{what} changed since the saved outputs in {out}: starting over")
-            shutil.rmtree(out)
-        write_json(meta, {"fingerprint": fp})
-    dist.barrier()
-
-
-def read_parts(files, key):
-    """key -> record over the files of all ranks (the first record of a key wins; a torn last line is repaired)."""
-    out = {}
-    for f in files:
-        for r in read_jsonl_resumable(f):
-            out.setdefault(r[key], r)
-    return out
-
-
-# -----------------------------------------------------------------------------
 # critics command: shard, score with resume, merge on rank 0, evaluate, write table + JSON + PNGs
 
 GROUPS = {"execution": (["execution"], None), "consistency": (["consistency"], None),
@@ -415,29 +362,6 @@ def release_gen_records(items, preds):
               and preds.get(it["key"], {}).get("ok") and preds[it["key"]].get("scores")]
     return [{"id": it["id"], "image": [it["image"]], "prompt": it["prompt"],
              "instruction_following": {"score": [int(s) if float(s).is_integer() else s]}} for it, s in scored]
-
-
-def confusion_png(path, title, conf):
-    """Panels of human (rows) x predicted (columns, last = no score); shade = share of the row."""
-    c, pad = 30, 40
-    im = Image.new("RGB", (len(conf) * (6 * c + 2 * pad) + pad, 5 * c + 3 * pad), "white")
-    d = ImageDraw.Draw(im)
-    d.text((pad, 6), title + "   (rows: human 1-5, columns: predicted 1-5, x = no score)", fill="black")
-    for k, (split, m) in enumerate(conf.items()):
-        x0, y0 = pad + k * (6 * c + 2 * pad), 2 * pad
-        d.text((x0, y0 - 16), split, fill="black")
-        for col in range(6):
-            d.text((x0 + col * c + 11, y0 + 5 * c + 4), "x" if col == 5 else str(col + 1), fill="black")
-        for r in range(5):
-            d.text((x0 - 12, y0 + r * c + 9), str(r + 1), fill="black")
-            for col in range(6):
-                share = m[r][col] / max(1, sum(m[r]))  # no score in red, scores in blue
-                shade = (255, int(255 - 180 * share), int(255 - 180 * share)) if col == 5 else \
-                        (int(255 - 200 * share), int(255 - 140 * share), 255)
-                box = [x0 + col * c, y0 + r * c, x0 + (col + 1) * c - 1, y0 + (r + 1) * c - 1]
-                d.rectangle(box, fill=shade, outline=(0, 160, 0) if col == r else (200, 200, 200))
-                d.text((box[0] + 4, box[1] + 9), str(m[r][col]), fill="black")
-    im.save(path)
 
 
 def fmt(v, digits=2):

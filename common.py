@@ -8,6 +8,7 @@ one-line-per-step metrics log and a dependency-free line plot for reward/loss cu
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -333,6 +334,39 @@ def load_hf_checkpoint(ckpt, model, opt, state):
 
 
 # -----------------------------------------------------------------------------
+# per-rank outputs that resume (bench.py): each rank appends each result as it is made; rank 0 merges; outputs are
+# kept only while what made them (weights, flags) is unchanged
+
+def fingerprint(path, *extra):
+    """What saved outputs depend on: flags/specs (`extra`) and the sizes and times of the weight files at `path`."""
+    p, parts = Path(path), [str(path), *extra]
+    files = (sorted(p.glob("*.safetensors")) + sorted(p.glob("*/*.safetensors")) + [p / "config.json"] if p.is_dir()
+             else [p] if p.is_file() else [])
+    parts += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def start_fresh_if_changed(out, fp, rank, what):
+    """Rank 0 clears `out` if its outputs were made by another model or other flags; all ranks wait for it."""
+    if rank == 0:
+        meta = Path(out) / "run.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
+            print0(f"{what} changed since the saved outputs in {out}: starting over")
+            shutil.rmtree(out)
+        write_json(meta, {"fingerprint": fp})
+    dist.barrier()
+
+
+def read_parts(files, key):
+    """key -> record over the files of all ranks (the first record of a key wins; a torn last line is repaired)."""
+    out = {}
+    for f in files:
+        for r in read_jsonl_resumable(f):
+            out.setdefault(r[key], r)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # RL runs (rl_gen.py, rl_edit.py): per-sample seeds, the step's prompts, this rank's share, gathers, evaluation files.
 # Everything a sample gets (prompt, noise, timesteps) is a function of (run seed, step, global index), never of
 # the rank: the same run on 1 or 8 GPUs draws the same samples.
@@ -601,6 +635,24 @@ def read_jsonl_lines(path, required=()):
 
 
 # Field kinds of read_manifest: (what the error says is expected, test). "?" after a kind: may be absent or null.
+def read_records(path):
+    """(line number, record) of a JSONL file, or of a JSON list (line = index + 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        return read_jsonl_lines(path)
+    try:
+        rows = list(enumerate(json.loads(text), 1))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: not a valid JSON list ({getattr(e, 'msg', 'nested too deeply')})") from None
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {n}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
 def _finite(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -948,6 +1000,29 @@ def plot_curves(path, series, title="", xlabel="step"):
         elif s:
             d.ellipse([sx(s[0][0]) - 2, sy(s[0][1]) - 2, sx(s[0][0]) + 2, sy(s[0][1]) + 2], fill=color)
         d.text((W - R + 8, T + 16 * i), label, fill=color)
+    im.save(path)
+
+
+def confusion_png(path, title, conf):
+    """Panels of human (rows) x predicted (columns, last = no score); shade = share of the row."""
+    c, pad = 30, 40
+    im = Image.new("RGB", (len(conf) * (6 * c + 2 * pad) + pad, 5 * c + 3 * pad), "white")
+    d = ImageDraw.Draw(im)
+    d.text((pad, 6), title + "   (rows: human 1-5, columns: predicted 1-5, x = no score)", fill="black")
+    for k, (split, m) in enumerate(conf.items()):
+        x0, y0 = pad + k * (6 * c + 2 * pad), 2 * pad
+        d.text((x0, y0 - 16), split, fill="black")
+        for col in range(6):
+            d.text((x0 + col * c + 11, y0 + 5 * c + 4), "x" if col == 5 else str(col + 1), fill="black")
+        for r in range(5):
+            d.text((x0 - 12, y0 + r * c + 9), str(r + 1), fill="black")
+            for col in range(6):
+                share = m[r][col] / max(1, sum(m[r]))  # no score in red, scores in blue
+                shade = (255, int(255 - 180 * share), int(255 - 180 * share)) if col == 5 else \
+                        (int(255 - 200 * share), int(255 - 140 * share), 255)
+                box = [x0 + col * c, y0 + r * c, x0 + (col + 1) * c - 1, y0 + (r + 1) * c - 1]
+                d.rectangle(box, fill=shade, outline=(0, 160, 0) if col == r else (200, 200, 200))
+                d.text((box[0] + 4, box[1] + 9), str(m[r][col]), fill="black")
     im.save(path)
 
 
