@@ -29,12 +29,15 @@ from safetensors.torch import load_file, save_file
 # distributed: one code path for `python x.py` and `torchrun x.py`
 
 
-def setup_dist():
-    """Join torchrun's process group, or make a world of one. Returns (rank, world, device).
+def setup_dist(threads=0):
+    """Join torchrun's process group, or make a world of one. Returns (rank, world, device). threads: torch's CPU
+    threads per rank (0 = torch's default).
 
     Without torchrun we still create a (single-process) group so that FSDP2 and the
     collectives run exactly as they do on many GPUs: the tested path is the real path.
     """
+    if threads:
+        torch.set_num_threads(threads)
     if not dist.is_initialized():
         backend = process_group_backend(torch.cuda.is_available())
         timeout = datetime.timedelta(minutes=30)
@@ -547,23 +550,62 @@ def rl_sidecar(out, args):
             "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None}
 
 
-def start_rl_run(out, model, params, opt, old, ema, resume, rank, strict=True):
-    """Resume from out/checkpoint (with --resume) or start fresh. Returns (start step, old, ema). The logs keep
-    only the rows the checkpoint covers (the rerun logs the rest again); a fresh start clears old samples."""
-    out, start = Path(out), 0
-    ckpt = find_checkpoint(out, rank) if resume else None
-    if ckpt is not None:
-        start, old, ema = load_checkpoint(ckpt, model, params, opt, strict)
-        print0(f"resumed from {ckpt} after step {start}")
-    if rank == 0:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            keep_rows_through(out / name, start if ckpt is not None else -1)
-        if ckpt is None:
-            for p in (out / "samples").glob("*.png"):
-                p.unlink()
-    dist.barrier()  # no rank logs or samples before rank 0 has tidied the output directory
-    return start, old, ema
+class RLRun:
+    """The bookkeeping both RL scripts share, so that their mains show the paper's steps and little else: resume, one
+    log line per step, held-out evaluations (eval.jsonl), checkpoints, pictures, --stop-after and the final save."""
+
+    def __init__(self, args, model, params, opt, rank, device, title, n_grid, first_column=None):
+        self.args, self.model, self.params, self.opt, self.rank, self.device = args, model, params, opt, rank, device
+        self.out, self.title, self.n_grid, self.first_column = Path(args.out), title, n_grid, first_column
+        self.log = MetricsLog(self.out / "metrics.jsonl", rank == 0)
+        self.elog = MetricsLog(self.out / "eval.jsonl", rank == 0)
+
+    def resume(self, old, ema, strict=True):
+        """From out/checkpoint with --resume, else fresh. Returns (start step, old, ema). The logs keep only the rows
+        the checkpoint covers (the rerun logs the rest again); a fresh start clears old samples."""
+        out, start = self.out, 0
+        ckpt = find_checkpoint(out, self.rank) if self.args.resume else None
+        if ckpt is not None:
+            start, old, ema = load_checkpoint(ckpt, self.model, self.params, self.opt, strict)
+            print0(f"resumed from {ckpt} after step {start}")
+        if self.rank == 0:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                keep_rows_through(out / name, start if ckpt is not None else -1)
+            if ckpt is None:
+                for p in (out / "samples").glob("*.png"):
+                    p.unlink()
+        dist.barrier()  # no rank logs or samples before rank 0 has tidied the output directory
+        return start, old, ema
+
+    def log_step(self, step, rewards, nft, t0, t1, t2):
+        """metrics.jsonl's row of a step: the gathered rewards, the update's numbers, the time of each phase, memory."""
+        mem_min, mem_max = peak_memory_over_ranks(self.device)
+        self.log.log(step + 1, **reward_stats(rewards), **nft, t_rollout=round(t1 - t0, 3), t_reward=round(t2 - t1, 3),
+                     t_train=round(time.time() - t2, 3), mem_gb_min=mem_min, mem_gb_max=mem_max)
+
+    def end_step(self, step, start, old, ema, evaluate):
+        """After a step: evaluate and checkpoint when due (and after the last step, so that --resume after the end is
+        a no-op). Returns True when --stop-after says to stop here, as if killed."""
+        args, done = self.args, step + 1
+        if evaluate and (every(done, args.eval_every) or done == args.steps):
+            self.elog.log(done, **evaluate(done))
+        if every(done, args.save_every) or done == args.steps:
+            save_checkpoint(self.out, self.model, self.params, self.opt, old, ema, done, self.rank)
+            if self.rank == 0:
+                write_rl_pictures(self.out, self.n_grid, self.title, self.first_column)
+        if args.stop_after is not None and done >= start + args.stop_after:
+            print0(f"stopping after {args.stop_after} steps (--stop-after), as if killed")
+            return True
+        return False
+
+    def finish(self, save, what):
+        """save(sidecar) writes the policy (collective); rank 0 draws the pictures and prints the held-out summary."""
+        save(rl_sidecar(self.out, self.args))
+        if self.rank == 0:
+            write_rl_pictures(self.out, self.n_grid, self.title, self.first_column)
+            print0(held_out_summary(read_jsonl_resumable(self.out / "eval.jsonl")))
+            print0(f"wrote {self.out}: {what}, metrics.jsonl, eval.jsonl, reward_curve.png, samples_grid.png")
 
 
 def write_rl_pictures(out, n_rows, title, first_column=None):

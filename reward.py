@@ -602,6 +602,15 @@ def _rewards(kind, modes, scorer, items, fusion, on_failure, method, samples):
     return fuse_judgements(per_mode, fusion, on_failure)
 
 
+def rl_rewards(kind, scorer, items, fusion, method="generate"):
+    """An RL step's rewards: edit_rewards / gen_rewards with failures dropped (None: that sample leaves its group)
+    and, when there are any, one line on stdout saying why (a dead server, answers cut by the limit, no score)."""
+    rewards, stats = (edit_rewards if kind == "edit" else gen_rewards)(scorer, items, fusion, method=method)
+    if note := failure_note(stats):
+        print(f"[reward] {note}", flush=True)
+    return rewards
+
+
 def fuse_judgements(per_mode, fusion, on_failure="drop"):
     """{mode: [Judgement] * n} -> (n rewards, stats); an item with a failed mode gets None ("drop") or 0.0 ("min").
     stats: n, parse_failures / cut / unanswered {mode: count}, failed (items), mean_score {mode: mean raw score},

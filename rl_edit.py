@@ -52,12 +52,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights, DataError, evaluate_rl, every,
-                    fill_from_rank0, fsdp_shard, full_state_of, full_weights, held_out_summary, load_image,
-                    load_on_rank0, MetricsLog, noise_like, parse_with_preset, peak_memory_over_ranks, pil_to_tensor,
-                    print0, rank_batches, read_jsonl_resumable, read_manifest, reward_stats, rl_sidecar, run_stage,
-                    sample_seed, save_checkpoint, save_diffusers_model, save_lora_files, seed_everything, setup_dist,
-                    start_rl_run, step_prompts, tensor_to_pil, use_weights, write_json, write_rl_pictures)
+from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights, DataError, evaluate_rl,
+                    fill_from_rank0, fsdp_shard, full_state_of, full_weights, load_image, load_on_rank0, noise_like,
+                    parse_with_preset, pil_to_tensor, print0, rank_batches, read_manifest, RLRun, run_stage,
+                    sample_seed, save_diffusers_model, save_lora_files, seed_everything, setup_dist, step_prompts,
+                    tensor_to_pil, use_weights, write_json)
 from rl_gen import nft_step, noise_levels, ode_sample, optimality_targets, training_points
 
 # -----------------------------------------------------------------------------
@@ -420,13 +419,10 @@ class Sources:
 def score(critic, fusion, recs, sources, edited, method="generate"):
     """Step 2: the critic's execution and consistency of each edit fused into a reward in [0, 1]; None where an answer
     gave no score (that edit is dropped from its group)."""
-    from reward import edit_rewards, failure_note
+    from reward import rl_rewards
     items = [{"source": s, "edited": e, "instruction": r["prompt"], "requirement": r.get("requirement"), "record": r}
              for r, s, e in zip(recs, sources, edited)]
-    rewards, stats = edit_rewards(critic, items, fusion=fusion, method=method)
-    if note := failure_note(stats):  # a dead critic server, answers cut by the limit, answers without a score
-        print(f"[reward] {note}", flush=True)
-    return rewards
+    return rl_rewards("edit", critic, items, fusion, method)
 
 
 # -----------------------------------------------------------------------------
@@ -435,9 +431,7 @@ def score(critic, fusion, recs, sources, edited, method="generate"):
 
 def main(args):
     # Setup: one code path for python and torchrun (a world of one without it)
-    rank, world, device = setup_dist()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    rank, world, device = setup_dist(args.threads)
     seed_everything(args.seed)  # the LoRA initialisation
     out = Path(args.out)
     train = load_prompts(args.prompts)
@@ -463,18 +457,19 @@ def main(args):
     ref = clone_weights(params) if args.kl_weight > 0 else None
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     # strict=False: adapters that never get a gradient (the last block's text-stream output is unused) have no AdamW state
-    start, old, ema = start_rl_run(out, model, params, opt, clone_weights(params), clone_weights(params), args.resume, rank, strict=False)
+    test_sources = [load_image(r["image_path"]) for r in test]
+    run = RLRun(args, model, params, opt, rank, device, f"rl_edit --reward {args.reward}", min(args.grid_prompts, len(test)),
+                first_column=test_sources)  # the grid: each held-out source, then its edits at each evaluation
+    start, old, ema = run.resume(clone_weights(params), clone_weights(params), strict=False)
 
     P, K = args.prompts_per_step, args.group_size
     N, T = P * K, max(1, int(args.timestep_fraction * args.rollout_steps))  # edits per step; trained levels per edit
-    sources, test_sources = Sources(train), [load_image(r["image_path"]) for r in test]
+    sources = Sources(train)
     size_of = lambda im: working_size(*im.size, editor.resolution, editor.multiple)  # one batch, one working size
     print0(f"{world} rank(s) | {'full fine-tuning' if args.full_finetune else f'LoRA r{args.lora_rank} alpha {args.lora_alpha:g}'}: "
            f"{sum(p.numel() for p in params) / 1e6:.3f} M trained parameters | {editor.resolution} px working resolution")
     print0(f"per step: {P} prompts x {K} edits = {N} rollouts, ~{math.ceil(N / world)} per rank | {args.rollout_steps} "
            f"sampler steps, {T} trained noise levels per edit | reward {args.reward} | {len(train)} prompts, {len(test)} held out")
-    log, elog = MetricsLog(out / "metrics.jsonl", rank == 0), MetricsLog(out / "eval.jsonl", rank == 0)
-
     def evaluate(step):  # the EMA weights (what gets saved), one edit per held-out prompt, the same seeds every time
         def draw(idx):
             r = rollout(editor, [test_sources[i] for i in idx], [test[i]["prompt"] for i in idx],
@@ -485,11 +480,11 @@ def main(args):
         if judge is not None:
             scorers["judge"] = lambda idx, ims: score(judge, "cme", *recs(idx), ims)
         with use_weights(model, params, ema):
-            elog.log(step, **evaluate_rl(draw, scorers, [size_of(s) for s in test_sources], step, out, args.grid_prompts,
-                                         args.micro_batch, rank, world, device))
+            return evaluate_rl(draw, scorers, [size_of(s) for s in test_sources], step, out, args.grid_prompts,
+                               args.micro_batch, rank, world, device)
 
     if start == 0 and test:
-        evaluate(0)
+        run.elog.log(0, **evaluate(0))
     for step in range(start, args.steps):
         t0 = time.time()
         # 1. rollout: K edits of each of the step's P prompts with the old policy (deterministic ODE, no CFG)
@@ -519,32 +514,15 @@ def main(args):
             vfn = lambda x, t, b=b: predict_velocity(model, x, b["source"], t, b["embeds"], b["mask"], b["grid"]).float()
             micro.append((vfn, x_t, ts, b["x0"], r[idx].to(device), (valid[idx] & real).float().to(device)))
         nft = nft_step(model, params, opt, old, ema, ref, micro, valid, step, args, world)
-        mem_min, mem_max = peak_memory_over_ranks(device)
-        log.log(step + 1, **reward_stats(rewards), **nft, t_rollout=round(t1 - t0, 3), t_reward=round(t2 - t1, 3),
-                t_train=round(time.time() - t2, 3), mem_gb_min=mem_min, mem_gb_max=mem_max)
-
-        done = step + 1
-        if test and (every(done, args.eval_every) or done == args.steps):
-            evaluate(done)
-        if every(done, args.save_every) or done == args.steps:  # the last step too: --resume after the end is a no-op
-            save_checkpoint(out, model, params, opt, old, ema, done, rank)
-            if rank == 0:
-                write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_edit --reward {args.reward}", test_sources)
-        if args.stop_after is not None and done >= start + args.stop_after:
-            print0(f"stopping after {args.stop_after} steps (--stop-after), as if killed")
+        run.log_step(step, rewards, nft, t0, t1, t2)
+        if run.end_step(step, start, old, ema, evaluate if test else None):
             return cleanup_dist()
 
     # Save: the EMA weights, in the formats diffusers loads
-    sidecar = rl_sidecar(out, args)
     if args.full_finetune:
-        save_transformer(out / "transformer", editor, params, ema, rank, sidecar)
+        run.finish(lambda sidecar: save_transformer(out / "transformer", editor, params, ema, rank, sidecar), "transformer/")
     else:
-        save_lora(out, model, params, ema, lora_cfg, rank, sidecar)
-    if rank == 0:
-        write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_edit --reward {args.reward}", test_sources)
-        print0(held_out_summary(read_jsonl_resumable(out / "eval.jsonl")))
-        print0(f"wrote {out}: {'transformer/' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, metrics.jsonl, "
-               "eval.jsonl, reward_curve.png, samples_grid.png")
+        run.finish(lambda sidecar: save_lora(out, model, params, ema, lora_cfg, rank, sidecar), "pytorch_lora_weights.safetensors")
     cleanup_dist()
 
 

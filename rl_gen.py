@@ -39,12 +39,10 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights, DataError, evaluate_rl, every,
-                    fsdp_shard, full_weights, held_out_summary, MetricsLog, noise_like, parse_with_preset,
-                    peak_memory_over_ranks, print0, rank_batches, read_jsonl_resumable, read_manifest, reward_stats,
-                    rl_sidecar, run_stage, sample_seed, save_checkpoint, save_diffusers_model, save_lora_files,
-                    setup_dist, start_rl_run, step_prompts, tensor_to_pil, use_weights, write_json,
-                    write_rl_pictures)
+from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights, DataError, evaluate_rl, fsdp_shard,
+                    full_weights, noise_like, parse_with_preset, print0, rank_batches, read_manifest, RLRun,
+                    run_stage, sample_seed, save_diffusers_model, save_lora_files, setup_dist, step_prompts,
+                    tensor_to_pil, use_weights, write_json)
 
 # -----------------------------------------------------------------------------
 # CLI: the defaults are the paper's / release's settings; a preset swaps in a small setting (explicit flags win).
@@ -467,13 +465,10 @@ def score(critic, fusion, recs, images, method="generate", size=0):
     """Step 2: the critic's fused reward of each image, in [0, 1]; None where an answer gave no score (that sample
     is dropped from its group: deviation 2)."""
     from PIL import Image
-    from reward import failure_note, gen_rewards
+    from reward import rl_rewards
     items = [{"image": im.resize((size, size), Image.BICUBIC) if size else im, "prompt": r["prompt"],
               "requirement": r.get("requirement"), "record": r} for im, r in zip(images, recs)]
-    rewards, stats = gen_rewards(critic, items, fusion=fusion, method=method)
-    if note := failure_note(stats):  # a dead critic server, answers cut by the limit, answers without a score
-        print(f"[reward] {note}", flush=True)
-    return rewards
+    return rl_rewards("gen", critic, items, fusion, method)
 
 
 # -----------------------------------------------------------------------------
@@ -482,9 +477,7 @@ def score(critic, fusion, recs, images, method="generate", size=0):
 
 def main(args):
     # Setup: one code path for python and torchrun (a world of one without it)
-    rank, world, device = setup_dist()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    rank, world, device = setup_dist(args.threads)
     out = Path(args.out)
     train = load_prompts(args.prompts)
     test = load_prompts(args.test_prompts)[:args.eval_prompts] if args.test_prompts and args.eval_every else []
@@ -498,7 +491,8 @@ def main(args):
     model, params = gen.transformer, make_policy(gen, args, device)
     ref = clone_weights(params) if args.kl_weight > 0 else None
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    start, old, ema = start_rl_run(out, model, params, opt, clone_weights(params), clone_weights(params), args.resume, rank)
+    run = RLRun(args, model, params, opt, rank, device, f"rl_gen --reward {args.reward}", min(args.grid_prompts, len(test)))
+    start, old, ema = run.resume(clone_weights(params), clone_weights(params))
 
     P, K = args.prompts_per_step, args.group_size
     N, T = P * K, max(1, int(args.timestep_fraction * args.rollout_steps))  # samples per step; trained levels per sample
@@ -508,8 +502,6 @@ def main(args):
            f"{sum(p.numel() for p in params) / 1e6:.3f} M trained parameters | latents {tuple(shape)}, shift {gen.shift:g}")
     print0(f"per step: {P} prompts x {K} samples = {N} rollouts, ~{math.ceil(N / world)} per rank | {args.rollout_steps} "
            f"sampler steps, {T} trained noise levels per sample | reward {args.reward} | {len(train)} prompts, {len(test)} held out")
-    log, elog = MetricsLog(out / "metrics.jsonl", rank == 0), MetricsLog(out / "eval.jsonl", rank == 0)
-
     def evaluate(step):  # the EMA weights (what gets saved), one sample per held-out prompt, the same seeds every time
         eval_levels = noise_levels(gen.pipe.scheduler, args.eval_steps)
         def draw(idx):
@@ -520,10 +512,10 @@ def main(args):
         if judge is not None:
             scorers["judge"] = lambda idx, ims: score(judge, "qma", [test[i] for i in idx], ims)
         with use_weights(model, params, ema):
-            elog.log(step, **evaluate_rl(draw, scorers, [0] * len(test), step, out, args.grid_prompts, args.micro_batch, rank, world, device))
+            return evaluate_rl(draw, scorers, [0] * len(test), step, out, args.grid_prompts, args.micro_batch, rank, world, device)
 
     if start == 0 and test:
-        evaluate(0)
+        run.elog.log(0, **evaluate(0))
     for step in range(start, args.steps):
         t0 = time.time()
         # 1. rollout: K samples of each of the step's P prompts from the old policy (deterministic ODE, no CFG)
@@ -551,28 +543,13 @@ def main(args):
             vfn = lambda x, t, e=emb, p=pooled: velocity(model, x, t, e, p)
             micro.append((vfn, x_t, ts, x0, r[idx].to(device), (valid[idx] & real).float().to(device)))
         nft = nft_step(model, params, opt, old, ema, ref, micro, valid, step, args, world)
-        mem_min, mem_max = peak_memory_over_ranks(device)
-        log.log(step + 1, **reward_stats(rewards), **nft, t_rollout=round(t1 - t0, 3), t_reward=round(t2 - t1, 3),
-                t_train=round(time.time() - t2, 3), mem_gb_min=mem_min, mem_gb_max=mem_max)
-
-        done = step + 1
-        if test and (every(done, args.eval_every) or done == args.steps):
-            evaluate(done)
-        if every(done, args.save_every) or done == args.steps:  # the last step too: --resume after the end is a no-op
-            save_checkpoint(out, model, params, opt, old, ema, done, rank)
-            if rank == 0:
-                write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_gen --reward {args.reward}")
-        if args.stop_after is not None and done >= start + args.stop_after:
-            print0(f"stopping after {args.stop_after} steps (--stop-after), as if killed")
+        run.log_step(step, rewards, nft, t0, t1, t2)
+        if run.end_step(step, start, old, ema, evaluate if test else None):
             return cleanup_dist()
 
     # Save: the EMA weights, in the format diffusers loads
-    save_policy(out, gen, model, params, ema, args, rank, rl_sidecar(out, args))
-    if rank == 0:
-        write_rl_pictures(out, min(args.grid_prompts, len(test)), f"rl_gen --reward {args.reward}")
-        print0(held_out_summary(read_jsonl_resumable(out / "eval.jsonl")))
-        print0(f"wrote {out}: {'transformer/' if args.full_finetune else 'pytorch_lora_weights.safetensors'}, metrics.jsonl, "
-               "eval.jsonl, reward_curve.png, samples_grid.png")
+    run.finish(lambda sidecar: save_policy(out, gen, model, params, ema, args, rank, sidecar),
+               "transformer/" if args.full_finetune else "pytorch_lora_weights.safetensors")
     cleanup_dist()
 
 
