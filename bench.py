@@ -64,9 +64,11 @@ PRESETS = {"mini": {  # the miniature world (toy/): what curate.py, train_reward
                             "oracle-noisy=toy.oracle:noisy", "oracle-direct=toy.oracle:direct"]),
     # the world's exact pixel judge; the RL scripts save their LoRA in their --out directory
     "policy gen": dict(base=f"{M}/models/gen-base", prompts=f"{M}/data/rl/gen_test.jsonl", judge="toy.judges:pixel",
-                       out=f"{M}/bench/policy_gen_pixel", tuned=[f"qma={M}/rl_gen", f"pixel={M}/rl_gen_pixel"]),
+                       critics=[f"gen-critic={M}/models/gen-critic"], max_new_tokens=256, out=f"{M}/bench/policy_gen_pixel",
+                       tuned=[f"qma={M}/rl_gen", f"pixel={M}/rl_gen_pixel"]),
     "policy edit": dict(base=f"{M}/models/edit-base", prompts=f"{M}/data/rl/edit_test.jsonl", judge="toy.judges:pixel",
-                        out=f"{M}/bench/policy_edit_pixel", tuned=[f"cme={M}/rl_edit_cme", f"sum55={M}/rl_edit_sum55"])}}
+                        critics=[f"edit-critic={M}/models/edit-critic"], max_new_tokens=192, out=f"{M}/bench/policy_edit_pixel",
+                        tuned=[f"cme={M}/rl_edit_cme", f"sum55={M}/rl_edit_sum55"])}}
 # FIRM-Bench MAE of the paper (FIRM_NOTES section 5), shown beside ours for reference
 PAPER = [("FIRM-Edit-8B", 0.53, 0.73, 0.62, None), ("FIRM-Gen-8B", None, None, None, 0.51),
          ("Qwen3-VL-8B-Instruct", 0.66, 1.12, 0.87, 0.63), ("GPT-5", 0.62, 0.73, 0.67, 0.52)]
@@ -435,11 +437,12 @@ def run_critics(args):
 # policy command: sample with fixed seeds, judge independently, base vs each tuned policy
 
 
-def policy_judge(spec, kind, device):
+def policy_judge(spec, kind, device, max_new_tokens=None):
     """-> judge(records, images, sources) -> [(score in [0, 1] or None: an answer that did not parse, {part: [0, 1]})]
     with the paper's fusion: QMA for gen (the score alone), CME for edit (parts execution and consistency, (s-1)/4).
-    Each item carries its prompt record ("record"): a judge that knows the answer (a world's) reads it there."""
-    critic = reward.open_critic(spec, device=device)
+    Each item carries its prompt record ("record"): a judge that knows the answer (a world's) reads it there.
+    The same for a critic whose rewards are compared with the judge's (--critic)."""
+    critic = reward.open_critic(spec, device=device, max_new_tokens=max_new_tokens)
 
     def judge(recs, ims, sources):
         if kind == "gen":
@@ -466,12 +469,13 @@ def run_policy(args):
     fields = {"id": "id", "prompt": "text", "image": "image" if args.kind == "edit" else "image?", "requirement": "str?"}
     recs = read_manifest(args.prompts, fields, images="decode" if args.kind == "edit" else "exist")[:args.limit]
     K, base_dir, policies, out = args.samples_per_prompt, Path(args.prompts).parent, {"base": None, **args.tuned}, Path(args.out)
-    fp = fingerprint(args.base, args.kind, args.judge, args.seed, K, args.steps,
-                     *(fingerprint(p, n) for n, p in args.tuned.items()))
+    fp = fingerprint(args.base, args.kind, args.judge, args.seed, K, args.steps, args.max_new_tokens,
+                     *(fingerprint(p, n) for n, p in {**args.tuned, **args.critics}.items()))
     start_fresh_if_changed(out, fp, rank, "the policies, judge, seeds or steps")
     done = {v: read_parts(score_files(out, v), "uid") for v in policies}
     dist.barrier()  # every rank has read (and repaired) the old files before any rank appends to them
     judge, rl = policy_judge(args.judge, args.kind, device), importlib.import_module(f"rl_{args.kind}")
+    critics = {n: policy_judge(s, args.kind, device, args.max_new_tokens) for n, s in args.critics.items()}
     steps = args.steps or {"gen": 10, "edit": 6}[args.kind]  # as in RL
     jobs = [(i * K + k, r, k) for i, r in enumerate(recs) for k in range(K)]  # global index -> seed
     for variant, lora in policies.items():
@@ -488,16 +492,42 @@ def run_policy(args):
             else:
                 srcs = [load_image(r["image"], base_dir) for r in rs]
                 ims = rl.edit(model, srcs, [r["prompt"] for r in rs], seeds, steps=steps)
-            for (g, r, k), im, (score, parts) in zip(chunk, ims, judge(rs, ims, srcs)):
+            rewards = {n: [s for s, _ in c(rs, ims, srcs)] for n, c in critics.items()}  # what RL would learn from
+            for i, ((g, r, k), im, (score, parts)) in enumerate(zip(chunk, ims, judge(rs, ims, srcs))):
                 im.save(out / "images" / variant / f"{r['id']}_{k}.png")
                 append_jsonl(out / f"scores-{variant}-{rank}.jsonl", {"uid": f"{r['id']}#{k}", "id": r["id"],
-                             "sample": k, "seed": args.seed + g, "score": score, "parts": parts})
+                             "sample": k, "seed": args.seed + g, "score": score, "parts": parts,
+                             "critics": {n: v[i] for n, v in rewards.items()}})
         print(f"{variant}: rank {rank} did {len(mine)} samples", flush=True)
         del model
     dist.barrier()
     if rank == 0:
         policy_summary(args, recs, out, base_dir, {v: read_parts(score_files(out, v), "uid") for v in policies})
     cleanup_dist()
+
+
+def within_prompt_ranking(scores, critic):
+    """How a critic's rewards rank the samples of each prompt (pooled over the policies) against the judge's scores:
+    {prompts, spearman (mean; 0 for a prompt where the critic gives every sample one reward), all_tied (such prompts),
+    mean, per_policy (its mean reward per policy)}. Prompts where the judge ties every sample are left out."""
+    by_prompt = {}
+    for rows in scores.values():
+        for r in rows.values():
+            c = (r.get("critics") or {}).get(critic)
+            if r["score"] is not None and c is not None:
+                by_prompt.setdefault(r["id"], []).append((c, r["score"]))
+    rhos, tied = [], 0
+    for pairs in by_prompt.values():
+        crit, judged = zip(*pairs)
+        if len(pairs) < 2 or len(set(judged)) == 1:
+            continue  # nothing to rank
+        tied += len(set(crit)) == 1
+        rhos.append(0.0 if len(set(crit)) == 1 else spearman(crit, judged))
+    per_policy = {v: mean_ci([x for r in rows.values() if (x := (r.get("critics") or {}).get(critic)) is not None])[0]
+                  for v, rows in scores.items()}
+    every = [x for rows in scores.values() for r in rows.values() if (x := (r.get("critics") or {}).get(critic)) is not None]
+    return {"prompts": len(rhos), "spearman": float(np.mean(rhos)) if rhos else float("nan"), "all_tied": tied,
+            "mean": mean_ci(every)[0], "per_policy": per_policy}
 
 
 def policy_summary(args, recs, out, base_dir, scores):
@@ -515,6 +545,7 @@ def policy_summary(args, recs, out, base_dir, scores):
                 if r["score"] is not None and scores[v].get(u, {}).get("score") is not None]
         m, ci = mean_ci(both)
         res[f"{v}_minus_base"] = {"n": len(both), "mean": m, "ci95": ci}
+    res["critics"] = {n: within_prompt_ranking(scores, n) for n in args.critics}
     write_json(out / "policy.json", res)
     grid = []
     for r in recs[:args.grid_rows]:  # source (edit) | base | tuned ...: sample 0 of each prompt
@@ -537,6 +568,14 @@ def policy_summary(args, recs, out, base_dir, scores):
     md += [row(v, x, [fmt(x["parts"].get(p), 3) for p in parts] + [x["failures"]]).strip()
            for v, x in res["variants"].items()]
     md += [row(f"{v} - base", res[f"{v}_minus_base"], [""] * (len(parts) + 1)).strip() for v in args.tuned]
+    if res["critics"]:
+        md += ["", "What RL learns from: how each critic's fused reward ranks the samples of one prompt (all policies' "
+               f"samples of it, {len(scores) * args.samples_per_prompt} per prompt) against the judge. Spearman per prompt, "
+               "0 where the critic gives them all one reward (no signal); prompts where the judge ties them all are left out.", "",
+               "| critic | prompts | mean within-prompt Spearman | one reward for all | mean reward | " +
+               " | ".join(f"{v}" for v in scores) + " |", "|---" * (5 + len(scores)) + "|"]
+        md += [f"| {n} | {x['prompts']} | {fmt(x['spearman'], 2)} | {x['all_tied']} | {fmt(x['mean'], 3)} | " +
+               " | ".join(fmt(x["per_policy"].get(v), 3) for v in scores) + " |" for n, x in res["critics"].items()]
     md += ["", f"![grid ({'source | ' if args.kind == 'edit' else ''}{' | '.join(scores)})](grid.png)", ""]
     (out / "policy.md").write_text("\n".join(md))
     print("\n".join(md), flush=True)
@@ -576,6 +615,10 @@ def get_args(argv=None):
     p.add_argument("--prompts", default=None, help="held-out JSONL {id, prompt[, image, requirement]}")
     p.add_argument("--judge", default=None, help="the independent judge: model dir | http://host:port/v1[#name] | "
                    "package.module:factory")
+    p.add_argument("--critic", action="append", default=None, dest="critics",
+                   help="NAME=SPEC of a critic whose fused rewards of the same samples are ranked against the judge's "
+                        "within each prompt (what RL's group advantages learn from; repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="--critic answer limit, tokens (default: reward.py's)")
     # policy: sampling and output
     p.add_argument("--samples-per-prompt", type=int, default=4, help="seeds per prompt")
     p.add_argument("--seed", type=int, default=1000, help="seed of global sample 0")
@@ -595,6 +638,10 @@ def get_args(argv=None):
         if not (args.base and args.tuned and args.prompts and args.judge and args.out):
             ap.error("policy needs --base, --tuned, --prompts, --judge and --out (or --preset mini)")
         args.tuned = dict(t.split("=", 1) if "=" in t else ("tuned", t) for t in args.tuned)
+        for c in args.critics or []:
+            if not re.fullmatch(r"[A-Za-z0-9._-]+=.+", c):
+                ap.error(f"--critic {c!r}: expected NAME=SPEC (NAME of letters, digits, . _ -)")
+        args.critics = dict(c.split("=", 1) for c in args.critics or [])
         for name, path in args.tuned.items():  # what rl_gen.py / rl_edit.py write at the end of a run
             if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name == "base":
                 ap.error(f"--tuned {name}={path}: NAME of letters, digits, . _ - (and not 'base')")

@@ -343,6 +343,29 @@ def test_policy_judge_is_any_critic_spec_and_is_handed_each_prompt_record(mini_d
         assert scores[r["id"]]["score"] == pytest.approx(s * (0.4 + 0.6 * s)) and scores[r["id"]]["parts"] == {}
 
 
+def test_within_prompt_ranking_is_spearman_per_prompt_with_ties_of_the_critic_counted_as_no_signal():
+    row = lambda pid, k, judge, critic: (f"{pid}#{k}", {"id": pid, "score": judge, "critics": {"c": critic}})
+    scores = {"base": dict([row("a", 0, 0.1, 0.2), row("b", 0, 0.3, 0.5), row("t", 0, 0.4, 0.1)]),
+              "tuned": dict([row("a", 1, 0.9, 0.8), row("b", 1, 0.6, 0.5), row("t", 1, 0.4, 0.9)])}
+    # a: the critic ranks the two samples as the judge does (rho 1); b: one reward for both (no signal: 0);
+    # t: the judge ties them, nothing to rank: left out
+    res = bench.within_prompt_ranking(scores, "c")
+    assert res["prompts"] == 2 and res["spearman"] == pytest.approx(0.5) and res["all_tied"] == 1
+    assert res["per_policy"] == pytest.approx({"base": 0.8 / 3, "tuned": 2.2 / 3})
+
+
+def test_policy_eval_ranks_a_critics_rewards_within_each_prompt_against_the_judge(mini_data, tmp_path, monkeypatch):
+    gen_recs, edit_recs = read_jsonl(mini_data / "rl" / "gen_test.jsonl"), read_jsonl(mini_data / "rl" / "edit_test.jsonl")
+    stub_policies(monkeypatch, gen_recs, edit_recs)
+    out = tmp_path / "out"
+    bench.main(["policy", "--kind", "edit", "--base", "unused", "--tuned", str(lora_dir(tmp_path / "lora")), "--prompts",
+                str(mini_data / "rl" / "edit_test.jsonl"), "--judge", "toy.judges:pixel", "--critic",
+                "same=toy.judges:pixel", "--samples-per-prompt", "1", "--out", str(out)])
+    res = json.loads((out / "policy.json").read_text())["critics"]["same"]
+    assert res["prompts"] > 0 and res["spearman"] == pytest.approx(1.0) and res["all_tied"] == 0  # the judge itself
+    assert "| same | " in (out / "policy.md").read_text()
+
+
 def test_policy_preset_names_base_and_tuned_editors_and_rejects_a_missing_one(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     lora_dir(tmp_path / "runs/mini/rl_edit_cme")
