@@ -178,14 +178,18 @@ def test_the_layouts_open_as_the_hub_checkpoints_do(sd35, qwen_edit, qwen3vl):
 # rl_gen.py on SD3.5-Medium's layout, the Qwen3-VL critic in process
 
 
+def rl_args(model, prompts, qwen3vl, out, *extra):
+    """Both RL scripts take the same flags. --reward-method expected: the tiny critic's digit expectation parses
+    (hub_layouts), so rewards exist and the DiffusionNFT update runs; greedy answers of a random critic would all fail
+    and the step would skip its update."""
+    return ["--model", str(model), "--prompts", str(prompts), "--test-prompts", str(prompts), "--eval-prompts", "2",
+            "--grid-prompts", "1", "--reward-model", str(qwen3vl), "--reward-method", "expected", "--out", str(out),
+            "--resolution", str(RES), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--rollout-steps", "2",
+            "--timestep-fraction", "0.5", "--micro-batch", "4", "--reward-batch", "4", "--reward-max-new-tokens", "8", *extra]
+
+
 def rl_gen_args(sd35, qwen3vl, data, out, *extra):
-    # --reward-method expected: the tiny critic's digit expectation parses (hub_layouts), so rewards exist and the
-    # DiffusionNFT update runs; greedy answers of a random critic would all fail and the step would skip its update
-    return ["--model", str(sd35), "--prompts", str(data["gen_prompts"]), "--test-prompts", str(data["gen_prompts"]),
-            "--eval-prompts", "2", "--reward-model", str(qwen3vl),
-            "--reward-method", "expected", "--out", str(out), "--resolution", str(RES), "--steps", "1",
-            "--prompts-per-step", "2", "--group-size", "2", "--rollout-steps", "2", "--timestep-fraction", "0.5",
-            "--micro-batch", "4", "--reward-batch", "4", "--reward-max-new-tokens", "8", *extra]
+    return rl_args(sd35, data["gen_prompts"], qwen3vl, out, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -234,12 +238,7 @@ def test_rl_gen_under_torchrun_trains_on_the_sd35_layout(sd35, qwen3vl, data, tm
 
 
 def rl_edit_args(qwen_edit, qwen3vl, data, out, *extra):
-    return ["--model", str(qwen_edit), "--prompts", str(data["edit_prompts"]), "--test-prompts", str(data["edit_prompts"]),
-            "--reward-model", str(qwen3vl),
-            "--reward-method", "expected", "--out", str(out), "--resolution", str(RES), "--steps", "1",
-            "--prompts-per-step", "2", "--group-size", "2", "--rollout-steps", "2", "--timestep-fraction", "0.5",
-            "--micro-batch", "4", "--reward-batch", "4", "--reward-max-new-tokens", "8", "--eval-prompts", "1", "--grid-prompts", "1",
-            *extra]
+    return rl_args(qwen_edit, data["edit_prompts"], qwen3vl, out, *extra)
 
 
 @pytest.fixture(scope="module")
