@@ -330,13 +330,13 @@ def predict_all(name, spec, items, args, rank, world, device):
                     append_jsonl(pdir / f"part-{rank}.jsonl", {"key": it["key"], "mode": mode, "ok": j.ok, "scores":
                                                                j.scores, "error": j.error, "text": j.text[:2000]})
             print(f"[{name}] rank {rank}: {mode} {min(s + chunk, len(todo))}/{len(todo)}", flush=True)
-    dist.barrier()
+    dist.barrier()  # every rank's part is complete before rank 0 merges them
     if rank == 0:  # merge; parts are removed once merged
         parts = sorted(pdir.glob("part-*.jsonl"))
         write_jsonl(pdir / "predictions.jsonl", list(read_parts([pdir / "predictions.jsonl"] + parts, "key").values()))
         for f in parts:
             f.unlink()
-    dist.barrier()
+    dist.barrier()  # no rank reads predictions.jsonl before rank 0 has written it
     return pdir / "predictions.jsonl"
 
 
@@ -500,7 +500,7 @@ def run_policy(args):
                              "critics": {n: v[i] for n, v in rewards.items()}})
         print(f"{variant}: rank {rank} did {len(mine)} samples", flush=True)
         del model
-    dist.barrier()
+    dist.barrier()  # every rank's scores are on disk before rank 0 summarises them
     if rank == 0:
         policy_summary(args, recs, out, base_dir, {v: read_parts(score_files(out, v), "uid") for v in policies})
     cleanup_dist()

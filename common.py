@@ -68,7 +68,7 @@ def every(step, interval):
 
 def cleanup_dist():
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # no rank tears the group down while another still writes (rank 0's final files)
         dist.destroy_process_group()
 
 
@@ -357,7 +357,7 @@ def start_fresh_if_changed(out, fp, rank, what):
             print0(f"{what} changed since the saved outputs in {out}: starting over")
             shutil.rmtree(out)
         write_json(meta, {"fingerprint": fp})
-    dist.barrier()
+    dist.barrier()  # no rank reads or appends to `out` before rank 0 has decided whether to clear it
 
 
 def read_parts(files, key):
