@@ -4,9 +4,11 @@
     rubrics.py   ground-truth scores that follow the FIRM rubrics; simulated editors and generators
     oracle.py    the teacher that writes the curation texts; its critic factories (noisy, direct, teacher)
     judges.py    the exact pixel judge; its critic factories (pixel, pixel_sum)
+    perception.py  the teacher's perception: a scene read back from the pixels (for the policies' own samples)
     models.py    tiny randomly initialised models of the real classes (critic base, generator, editor)
     pretrain.py  pre-training the tiny policies by flow matching
-    data.py      the world's data: candidates to curate, bench splits, RL prompts; the tiny critic base
+    data.py      the world's data: candidates to curate (simulated, and the tiny policies' own samples), bench splits,
+                 RL prompts; the tiny critic base
     report.py    the miniature run's report
     __main__.py  the CLI: python -m toy --help
 

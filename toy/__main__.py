@@ -2,6 +2,7 @@
 
     python -m toy show              # a picture of the world: runs/mini/toy_examples.png
     python -m toy world             # the world's data: candidates to curate, bench splits, RL prompts (toy/data.py)
+    python -m toy policy-candidates # after pretrain-gen / -edit, before curate.py: the policies' own samples (toy/data.py)
     python -m toy critic-base       # after curate.py: the seeing-stage records and the tiny critic base (toy/data.py)
     python -m toy pretrain-gen      # the tiny SD3 generator, pre-trained (toy/pretrain.py)
     python -m toy pretrain-edit     # the tiny Qwen-Image editor, pre-trained (toy/pretrain.py)
@@ -49,6 +50,7 @@ def show(args):
 # name -> (add_arguments(parser), run(args))
 COMMANDS = {"show": (show_args, show),
             "world": (data.world_args, data.build_world),
+            "policy-candidates": (data.policy_candidates_args, data.build_policy_candidates),
             "critic-base": (data.critic_base_args, data.build_critic_base),
             "pretrain-gen": (pretrain.pretrain_gen_args, pretrain.pretrain_gen),
             "pretrain-edit": (pretrain.pretrain_edit_args, pretrain.pretrain_edit)}

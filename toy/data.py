@@ -1,15 +1,20 @@
 """The miniature world's data: what a real project collects, drawn here with exact ground truth.
 
     python -m toy world --out runs/mini/data          # 1. candidates to curate, bench splits, RL prompt sets
-    python curate.py --preset mini                     # 2. the curation stage judges the candidates (toy.oracle:teacher)
-    python -m toy critic-base --data runs/mini/data    # 3. the seeing-stage records and the tiny critic base
+    python -m toy policy-candidates                    # 2. (after pretrain-gen / -edit) the tiny policies' own samples
+    python curate.py --preset mini                     # 3. the curation stage judges the candidates (toy.oracle:teacher)
+    python -m toy critic-base --data runs/mini/data    # 4. the seeing-stage records and the tiny critic base
 
 1 writes under --out (every record carries `toy`, its ground truth: scene, out_scene, edit, ...):
   edit/candidates.jsonl {id, instruction, toy, source, edited} and gen/candidates.jsonl {id, prompt, difficulty,
   toy, image}, the pools curate.py judges, with images/ beside them; bench/edit_execution.jsonl,
   bench/edit_consistency.jsonl, bench/gen.jsonl, FIRM-Bench-like splits labelled with the ground truth
   ("human_score"), disjoint from the pools; rl/{edit,gen}_{train,test}.jsonl, the RL prompt sets; world.json.
-3 writes sft/vlm_{train,val}.jsonl (questions about the pools' images answered from the ground truth, the tiny
+2 appends the pre-trained tiny policies' own samples to both pools and the bench splits, marked "origin": "policy"
+  (the simulated records carry no "origin"): the kind of image RL shows the critics, which the simulated editors
+  and generators never draw. Their out_scene is read back from the pixels (toy.perception), as an MLLM teacher
+  reads them, and a bench item's "human_score" is the rubric's on that reading; policy_candidates.json.
+4 writes sft/vlm_{train,val}.jsonl (questions about the pools' images answered from the ground truth, the tiny
   critic's first lesson: train_reward.py --preset mini-vlm) and the tiny critic base (models.build_tiny_critic).
 
 Score balancing (Sec 3.1) happens here, where the ground truth is: --balance-share of the edit pool gets the
@@ -24,9 +29,12 @@ import shutil
 import zlib
 from pathlib import Path
 
-from common import read_jsonl, replace_dir, write_json, write_jsonl
+from PIL import Image
+
+from common import append_jsonl, read_jsonl, read_jsonl_resumable, replace_dir, sample_seed, write_json, write_jsonl
 from reward import IMAGE
 from toy.models import build_tiny_critic
+from toy.perception import match_ids, perceive
 from toy.rubrics import consistency_score, execution_score, instruction_score, simulate_editor, simulate_generator
 from toy.world import (COLORS, EDIT_OPS, SHAPES, Scene, apply_edit, cell_name, change_phrase, describe, gen_prompt,
                        instruction, random_edit, random_scene, render, request_summary, scene_changes)
@@ -226,7 +234,124 @@ def build_world(args):
 
 
 # -----------------------------------------------------------------------------
-# 3. python -m toy critic-base (after curate.py)
+# 2. python -m toy policy-candidates (after pretrain-gen / pretrain-edit, before curate.py)
+
+
+def policy_candidates_args(ap):
+    ap.add_argument("--data", default="runs/mini/data", help="the world's dataset directory (python -m toy world)")
+    ap.add_argument("--gen-base", default="runs/mini/models/gen-base", help="the tiny generator (python -m toy pretrain-gen)")
+    ap.add_argument("--edit-base", default="runs/mini/models/edit-base", help="the tiny editor (python -m toy pretrain-edit)")
+    ap.add_argument("--gen", type=int, default=500, help="gen candidates drawn by the tiny generator")
+    ap.add_argument("--edit", type=int, default=500, help="edit candidates made by the tiny editor")
+    ap.add_argument("--bench-exec", type=int, default=100, help="policy items added to bench/edit_execution.jsonl")
+    ap.add_argument("--bench-cons", type=int, default=100, help="policy items added to bench/edit_consistency.jsonl")
+    ap.add_argument("--bench-gen", type=int, default=100, help="policy items added to bench/gen.jsonl")
+    ap.add_argument("--gen-steps", type=int, default=10, help="sampler steps of the generator (rl_gen's rollout steps)")
+    ap.add_argument("--edit-steps", type=int, default=6, help="sampler steps of the editor (rl_edit's rollout steps)")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels (the generator's are upsampled, bicubic)")
+    ap.add_argument("--batch-size", type=int, default=16, help="samples per sampler call")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def policy_prompt(kind, split, i, seed):
+    """A fresh prompt of the world for the tiny policies: gen {id, prompt, difficulty}, edit {id, instruction}, with
+    its ground truth in `toy`. Ids "pgen-" / "pedit-" never collide with the simulated candidates' ("gen-", "edit-")."""
+    rng = random.Random(f"{seed}:p{kind}:{split}:{i}")
+    src = random_scene(rng)
+    if kind == "gen":
+        return {"id": f"pgen-{split}-{i:06d}", "prompt": gen_prompt(src, rng),
+                "difficulty": "easy" if len(src.objects) == 1 else "hard", "toy": {"scene": src.to_dict()}}
+    edit = random_edit(rng, src)
+    return {"id": f"pedit-{split}-{i:06d}", "instruction": instruction(src, edit, rng), "toy": {"scene": src.to_dict(), "edit": edit}}
+
+
+def sample_policy(kind, policy, items, args):
+    """The policy's images for `items` with the RL scripts' own samplers; the sample seeds depend on the ids only.
+    Each image is read back (toy.perception) as the teacher would: its objects paired with the prompt's by likeness."""
+    seeds = [sample_seed(args.seed, "policy", it["id"]) for it in items]
+    if kind == "gen":
+        from rl_gen import generate
+        images = [im.resize((args.size, args.size), Image.BICUBIC) for im in  # as rl_gen --reward-image-size shows the critic
+                  generate(policy, [it["prompt"] for it in items], seeds, args.gen_steps, batch_size=args.batch_size)]
+    else:
+        from rl_edit import edit
+        sources = [render(Scene.from_dict(it["toy"]["scene"]), args.size) for it in items]
+        images = edit(policy, sources, [it["instruction"] for it in items], seeds, args.edit_steps, args.batch_size)
+    out = []
+    for it, im in zip(items, images):
+        src = Scene.from_dict(it["toy"]["scene"])
+        seen, degrade = perceive(im)
+        seen = match_ids(seen, src, *([apply_edit(src, it["toy"]["edit"])] if kind == "edit" else []))
+        toy = dict(it["toy"], out_scene=seen.to_dict(), **{"generator" if kind == "gen" else "editor": "policy"}, degrade=degrade)
+        out.append((dict(it, toy=toy, origin="policy"), seen, im))
+    return out
+
+
+def add_policy_samples(root, kind, split, n, policy, args, exclude=()):
+    """Append n policy samples to a manifest (gen/ or edit/candidates.jsonl, or a bench split), PNGs beside it; ids
+    already there are skipped (resume). A bench item's "human" score is the rubric's on the scene read back, and a
+    bench draw whose prompt is in `exclude` (a training candidate's) is drawn again. Returns the prompts' keys."""
+    manifest, mode = {"train": (f"{kind}/candidates.jsonl", None), "bench": ("bench/gen.jsonl", "instruction"),
+                      "bench-execution": ("bench/edit_execution.jsonl", "execution"),
+                      "bench-consistency": ("bench/edit_consistency.jsonl", "consistency")}[split]
+    manifest = root / manifest
+    done = {r["id"] for r in read_jsonl_resumable(manifest)}
+    items, keys, i = [], set(), 0
+    while len(keys) < n:
+        it = policy_prompt(kind, split, i, args.seed)
+        key = json.dumps([it["toy"]["scene"], it["toy"].get("edit")], sort_keys=True)
+        if key not in exclude and key not in keys:
+            keys.add(key)
+            items += [it] if it["id"] not in done else []
+        i += 1
+    (manifest.parent / "images").mkdir(parents=True, exist_ok=True)
+    for b in range(0, len(items), args.batch_size):
+        for item, seen, im in sample_policy(kind, policy, items[b:b + args.batch_size], args):
+            src = Scene.from_dict(item["toy"]["scene"])
+            if kind == "gen":
+                item["image"] = f"images/{item['id']}.png"
+                im.save(manifest.parent / item["image"])
+                score = instruction_score(src, seen)
+            else:
+                item.update(source=f"images/{item['id']}_src.png", edited=f"images/{item['id']}_out.png")
+                render(src, args.size).save(manifest.parent / item["source"])
+                im.save(manifest.parent / item["edited"])
+                score = (consistency_score if mode == "consistency" else execution_score)(src, seen, item["toy"]["edit"])
+            if mode:  # a bench item: the fields of the simulated ones (write_bench)
+                item = {k: item[k] for k in ("id", "source", "edited", "instruction", "image", "prompt", "difficulty")
+                        if k in item} | {"mode": mode, "human_score": score, "toy": item["toy"], "origin": "policy"}
+            append_jsonl(manifest, item)
+    print(f"{manifest}: {len(items)} policy samples added ({n - len(items)} there already)", flush=True)
+    return keys
+
+
+def build_policy_candidates(args):
+    """The tiny policies' own samples beside the simulated candidates, in the pools curate.py judges and the bench:
+    what RL shows the critics. The teacher reads them from their pixels (toy.perception), since no scene is known."""
+    import torch
+    from rl_edit import load_editor
+    from rl_gen import load_generator
+    torch.set_num_threads(args.threads)
+    root = Path(args.data)
+    for kind, load, n, bench in (("gen", lambda: load_generator(args.gen_base, device="cpu"), args.gen, {"bench": args.bench_gen}),
+                                 ("edit", lambda: load_editor(args.edit_base, device="cpu"), args.edit,
+                                  {"bench-execution": args.bench_exec, "bench-consistency": args.bench_cons})):
+        if n + sum(bench.values()) == 0:  # e.g. --edit 0 --bench-exec 0 --bench-cons 0: the gen half alone
+            continue
+        policy = load()
+        with torch.no_grad():
+            train = add_policy_samples(root, kind, "train", n, policy, args)
+            for split, m in bench.items():
+                add_policy_samples(root, kind, split, m, policy, args, exclude=train)
+    counts = {str(f.relative_to(root)): sum(r.get("origin") == "policy" for r in read_jsonl(f))
+              for f in [root / "gen/candidates.jsonl", root / "edit/candidates.jsonl", *sorted((root / "bench").glob("*.jsonl"))]}
+    write_json(root / "policy_candidates.json", {"args": vars(args), "policy_records": counts})
+    print("policy samples: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+# -----------------------------------------------------------------------------
+# 4. python -m toy critic-base (after curate.py)
 
 
 def critic_base_args(ap):
