@@ -353,7 +353,16 @@ def evaluate(items, preds):
             metrics[g] = group_metrics(human, pred)
             if len(splits) == 1 and difficulty is None:
                 conf[splits[0]] = confusion(human, pred)
-    return {"metrics": metrics, "confusion": conf}
+    origin = lambda it: (it.get("record") or {}).get("origin", "simulated")  # simulated candidates, or a policy's samples
+    origins = sorted({origin(it) for it in items})
+    by_origin = {}
+    for o in origins if len(origins) > 1 else []:  # pooled above; apart here when the bench mixes them
+        for g in ("edit_overall", "gen_overall"):
+            splits = GROUPS[g][0]
+            its = [it for it in items if it["split"] in splits and origin(it) == o]
+            if its:
+                by_origin[f"{g}[{o}]"] = group_metrics([it["human_score"] for it in its], [value(it) for it in its])
+    return {"metrics": metrics, "by_origin": by_origin, "confusion": conf}
 
 
 def release_gen_records(items, preds):
@@ -387,6 +396,17 @@ def critics_markdown(res):
         main.append(f"| {name} | {cells('mae', cols, ' | ')} | {counts} | {r.get('note', '')} |")
         more.append(f"| {name} | {cells('mae_fail_worst', ('edit_overall', 'gen_overall'), ' / ')} | "
                     f"{cells('pairwise_acc', three, ' / ')} | {cells('spearman', three, ' / ')} |")
+    origins = sorted({k[k.index("[") + 1:-1] for r in res["critics"].values() for k in r.get("by_origin", {})},
+                     key=lambda o: (o != "simulated", o))
+    apart = []
+    if origins:  # the bench mixes simulated candidates and the policies' own samples: each on its own too
+        apart = ["By origin of the candidates (MAE):", "", "| critic | " + " | ".join(
+                 f"{g} {o}" for g in ("edit overall", "gen overall") for o in origins) + " |", "|---" * (1 + 2 * len(origins)) + "|"]
+        for name, r in res["critics"].items():
+            bo = r.get("by_origin", {})
+            apart.append(f"| {name} | " + " | ".join(fmt(bo[k]["mae"]) if (k := f"{g}[{o}]") in bo else "—"
+                                                    for g in ("edit_overall", "gen_overall") for o in origins) + " |")
+        apart.append("")
     paper = ["Paper, real FIRM-Bench (MAE; for reference, not comparable with another bench):", "",
              "| critic | exec | cons | edit overall | gen |", "|---|---|---|---|---|"]
     paper += [f"| {n} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(g)} |" for n, a, b, c, g in PAPER]
@@ -394,7 +414,7 @@ def critics_markdown(res):
             "MAE (fail=worst): every failed or missing item counts max(h-1, 5-h). Edit overall pools the execution "
             "and consistency items. Pairwise accuracy: pairs with different human scores, a tied prediction "
             "counts 1/2.")
-    return "\n".join(main + [""] + more + [""] + paper + ["", note]) + "\n"
+    return "\n".join(main + [""] + more + [""] + apart + paper + ["", note]) + "\n"
 
 
 def run_critics(args):

@@ -343,6 +343,22 @@ def test_policy_judge_is_any_critic_spec_and_is_handed_each_prompt_record(mini_d
         assert scores[r["id"]]["score"] == pytest.approx(s * (0.4 + 0.6 * s)) and scores[r["id"]]["parts"] == {}
 
 
+def test_a_bench_that_mixes_simulated_and_policy_samples_is_scored_pooled_and_by_origin():
+    item = lambda k, split, h, origin=None: {"key": k, "split": split, "human_score": h,
+                                              "record": {"origin": origin} if origin else {}}
+    items = [item("a", "execution", 5), item("b", "consistency", 3), item("c", "execution", 1, "policy"),
+             item("d", "gen", 4), item("e", "gen", 2, "policy")]
+    preds = {k: {"ok": True, "scores": [s]} for k, s in (("a", 4), ("b", 3), ("c", 4), ("d", 4), ("e", 5))}
+    ev = bench.evaluate(items, preds)
+    assert ev["metrics"]["edit_overall"]["mae"] == pytest.approx(4 / 3) and ev["metrics"]["gen_overall"]["mae"] == 1.5
+    bo = ev["by_origin"]
+    assert bo["edit_overall[simulated]"]["mae"] == 0.5 and bo["edit_overall[policy]"]["mae"] == 3.0
+    assert bo["gen_overall[simulated]"]["mae"] == 0.0 and bo["gen_overall[policy]"]["mae"] == 3.0
+    md = bench.critics_markdown({"critics": {"c": {**ev, "note": ""}}})
+    assert "| c | 0.50 | 3.00 | 0.00 | 3.00 |" in md
+    assert bench.evaluate(items[:2], preds)["by_origin"] == {}  # one origin: nothing to split
+
+
 def test_within_prompt_ranking_is_spearman_per_prompt_with_ties_of_the_critic_counted_as_no_signal():
     row = lambda pid, k, judge, critic: (f"{pid}#{k}", {"id": pid, "score": judge, "critics": {"c": critic}})
     scores = {"base": dict([row("a", 0, 0.1, 0.2), row("b", 0, 0.3, 0.5), row("t", 0, 0.4, 0.1)]),
