@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The whole paper in miniature, on a 2-core CPU, with one command:
-#   pre-train the tiny policies | build the world -> add the policies' samples, curate -> teach the tiny VLM to see ->
-#   train the edit + gen critics ->
+#   build the world, curate -> teach the tiny VLM to see -> train the edit + gen critics | pre-train the tiny policies ->
 #   DiffusionNFT RL (gen with QMA; edit with CME and the 0.5/0.5 sum; gen with the exact pixel reward) |
 #   bench the critics -> evaluate the policies with the independent pixel judge -> runs/mini/REPORT.md
 # The curation ablation (critics trained on directly judged labels) is not part of it: see README.
@@ -36,21 +35,17 @@ unless_done() { local marker=$1; shift; if [ -e "$marker" ]; then echo "skip: $m
 # Wait (at most 30 min) for a file that the other lane writes.
 wait_for() { local t=0; until [ -e "$1" ]; do sleep 5; t=$((t + 5)); [ $t -lt 1800 ] || { echo "!! gave up waiting for $1"; return 1; }; done; }
 
-stage "1/4 pre-train the tiny policies | build the world; add the policies' own samples to its candidates, curate them (difference-first edits, plan-then-score generations), build the tiny critic base"
-side_by_side \
-  gen-base "unless_done $R/models/gen-base/model_index.json python -m toy pretrain-gen $S" \
-  edit-base "unless_done $R/data/world.json python -m toy world --out $R/data $S && unless_done $R/models/edit-base/model_index.json python -m toy pretrain-edit $S"
-# the critics must judge what RL will show them: the pre-trained policies' own samples, read back by the teacher
-unless_done $R/data/policy_candidates.json "python -m toy policy-candidates --data $R/data --gen-base $R/models/gen-base --edit-base $R/models/edit-base --gen 600 --edit 600 --bench-exec 100 --bench-cons 100 --bench-gen 100 $S 2>&1 | tee $R/logs/policy-candidates.log"
+stage "1/4 build the miniature world (candidates, bench, RL prompts), curate it (difference-first edits, plan-then-score generations), build the tiny critic base"
+unless_done $R/data/world.json "python -m toy world --out $R/data $S 2>&1 | tee $R/logs/world.log"
 unless_done $R/data/summary.json "python curate.py --preset mini $S 2>&1 | tee $R/logs/curate.log"
 unless_done $R/models/critic-base/config.json "python -m toy critic-base --data $R/data --out $R/models/critic-base $S 2>&1 | tee $R/logs/critic-base.log"
 
 # Each lane runs its steps in order on one core; two lanes run side by side (2-core budget).
 critic() { echo "unless_done $R/models/$1/train_reward.json python train_reward.py --preset $2 --resume $S"; }
-stage "2/4 teach the tiny Qwen3-VL to see, then train the edit critic | the gen critic"
+stage "2/4 teach the tiny Qwen3-VL to see, then train the edit and gen critics | pre-train the tiny policies"
 side_by_side \
   critics "$(critic vlm-base mini-vlm) && $(critic edit-critic mini-edit)" \
-  gen-critic "wait_for $R/models/vlm-base/train_reward.json && $(critic gen-critic mini-gen)"
+  policies "unless_done $R/models/gen-base/model_index.json python -m toy pretrain-gen $S && wait_for $R/models/vlm-base/train_reward.json && $(critic gen-critic mini-gen) && unless_done $R/models/edit-base/model_index.json python -m toy pretrain-edit $S"
 
 stage "3/4 DiffusionNFT: gen with QMA, edit with CME + ablations (edit with the 0.5/0.5 sum, Table 5; gen with the exact pixel reward) | bench the critics"
 side_by_side \
