@@ -543,11 +543,11 @@ def within_prompt_ranking(scores, critic):
             continue  # nothing to rank
         tied += len(set(crit)) == 1
         rhos.append(0.0 if len(set(crit)) == 1 else spearman(crit, judged))
-    per_policy = {v: mean_ci([x for r in rows.values() if (x := (r.get("critics") or {}).get(critic)) is not None])[0]
-                  for v, rows in scores.items()}
-    every = [x for rows in scores.values() for r in rows.values() if (x := (r.get("critics") or {}).get(critic)) is not None]
+    rewards = {v: [x for r in rows.values() if (x := (r.get("critics") or {}).get(critic)) is not None]
+               for v, rows in scores.items()}
     return {"prompts": len(rhos), "spearman": float(np.mean(rhos)) if rhos else float("nan"), "all_tied": tied,
-            "mean": mean_ci(every)[0], "per_policy": per_policy}
+            "mean": mean_ci([x for xs in rewards.values() for x in xs])[0],
+            "per_policy": {v: mean_ci(xs)[0] for v, xs in rewards.items()}}
 
 
 def policy_summary(args, recs, out, base_dir, scores):

@@ -600,8 +600,9 @@ class RLRun:
         return False
 
     def finish(self, save, what):
-        """save(sidecar) writes the policy (collective); rank 0 draws the pictures and prints the held-out summary."""
-        save(rl_sidecar(self.out, self.args))
+        """save(sidecar) writes the policy (collective; the sidecar is rank 0's, None elsewhere); rank 0 draws the
+        pictures and prints the held-out summary."""
+        save(rl_sidecar(self.out, self.args) if self.rank == 0 else None)  # only rank 0 writes the sidecar
         if self.rank == 0:
             write_rl_pictures(self.out, self.n_grid, self.title, self.first_column)
             print0(held_out_summary(read_jsonl_resumable(self.out / "eval.jsonl")))

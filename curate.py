@@ -46,8 +46,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import (DataError, append_jsonl, load_image, read_jsonl, read_jsonl_resumable, read_manifest, run_stage,
-                    write_json, write_jsonl)
+from common import (DataError, append_jsonl, load_image, parse_with_preset, read_jsonl, read_jsonl_resumable, read_manifest,
+                    run_stage, write_json, write_jsonl)
 from reward import EDIT_MODES, GEN_MODES, N_SCORES, build_prompt, is_factory, load_factory, open_critic, parse_score
 
 # -----------------------------------------------------------------------------
@@ -62,7 +62,6 @@ PRESETS = {"mini": dict(edit_candidates="runs/mini/data/edit/candidates.jsonl",
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="FIRM data curation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", choices=list(PRESETS), default=None, help="the miniature world's files and judge (PRESETS)")
     # Data
     ap.add_argument("--edit-candidates", default=None, help="JSONL {id, source, edited, instruction[, requirement]}")
     ap.add_argument("--gen-candidates", default=None, help="JSONL {id, image, prompt[, requirement]}")
@@ -78,12 +77,9 @@ def get_args(argv=None):
     ap.add_argument("--ablation-direct", type=int, default=1, help="also judge without report/plan (ablation SFT files)")
     ap.add_argument("--max-items", type=int, default=None, help="stop after judging this many new items (staged runs)")
     ap.add_argument("--seed", type=int, default=0, help="balancing and the SFT split")
-    pre, _ = ap.parse_known_args(argv)
-    if pre.preset:
-        ap.set_defaults(**PRESETS[pre.preset])
-    args = ap.parse_args(argv)
-    if not (args.judge and args.out and (args.edit_candidates or args.gen_candidates)):
-        ap.error("give --judge, --out and --edit-candidates and/or --gen-candidates (or --preset mini)")
+    args = parse_with_preset(ap, PRESETS, argv, required=("judge", "out"))
+    if not (args.edit_candidates or args.gen_candidates):
+        ap.error("give --edit-candidates and/or --gen-candidates (or --preset mini)")
     return args
 
 

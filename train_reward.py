@@ -46,8 +46,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, fill_from_rank0, find_checkpoint,
                     fsdp_shard, full_state_of, hf_config_dtype, keep_rows_through, load_hf_checkpoint, load_image,
-                    load_on_rank0, local_param_bytes, plot_curves, print0, read_jsonl_resumable, read_manifest, run_stage,
-                    save_hf_checkpoint, save_hf_model, seed_everything, setup_dist, write_json, write_jsonl)
+                    load_on_rank0, local_param_bytes, parse_with_preset, plot_curves, print0, read_jsonl_resumable,
+                    read_manifest, run_stage, save_hf_checkpoint, save_hf_model, seed_everything, setup_dist, write_json,
+                    write_jsonl)
 from reward import IMAGE, N_SCORES, content_parts, parse_score
 
 # Qwen3-VL returns its per-image features as views; FSDP2 warns in case they are modified in place. We read only .logits.
@@ -80,7 +81,6 @@ PRESETS = {
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="FIRM critic SFT (Sec 4.1)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", choices=list(PRESETS), default=None, help="a miniature-world run (see PRESETS)")
     # Data and model
     ap.add_argument("--model", default=None, help="base model directory (Qwen3-VL / Qwen2.5-VL, or the tiny critic base)")
     ap.add_argument("--train-file", default=None, help="SFT JSONL {id, mode, score, images, messages} from curate.py")
@@ -109,11 +109,7 @@ def get_args(argv=None):
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder activations in backward (saves memory)")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank (default: torch's choice)")
-    ap.set_defaults(**PRESETS.get(ap.parse_known_args(argv)[0].preset, {}))  # a preset's values, unless given
-    args = ap.parse_args(argv)
-    if not (args.model and args.train_file and args.out):
-        ap.error(f"--model, --train-file and --out are required (or a --preset: {', '.join(PRESETS)})")
-    return args
+    return parse_with_preset(ap, PRESETS, argv, required=("model", "train_file", "out"))
 
 
 # -----------------------------------------------------------------------------
