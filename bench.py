@@ -64,8 +64,9 @@ PRESETS = {"mini": {  # the miniature world (toy/): what curate.py, train_reward
                             "oracle-noisy=toy.oracle:noisy", "oracle-direct=toy.oracle:direct"]),
     # the world's exact pixel judge; the RL scripts save their LoRA in their --out directory
     "policy gen": dict(base=f"{M}/models/gen-base", prompts=f"{M}/data/rl/gen_test.jsonl", judge="toy.judges:pixel",
-                       critics=[f"gen-critic={M}/models/gen-critic"], max_new_tokens=256, out=f"{M}/bench/policy_gen_pixel",
-                       tuned=[f"qma={M}/rl_gen", f"pixel={M}/rl_gen_pixel"]),
+                       critics=[f"gen-critic={M}/models/gen-critic", f"gen-critic-direct={M}/models/gen-critic-direct"],
+                       max_new_tokens=256, out=f"{M}/bench/policy_gen_pixel",
+                       tuned=[f"qma={M}/rl_gen", f"direct={M}/rl_gen_direct", f"pixel={M}/rl_gen_pixel"]),
     "policy edit": dict(base=f"{M}/models/edit-base", prompts=f"{M}/data/rl/edit_test.jsonl", judge="toy.judges:pixel",
                         critics=[f"edit-critic={M}/models/edit-critic"], max_new_tokens=192, out=f"{M}/bench/policy_edit_pixel",
                         tuned=[f"cme={M}/rl_edit_cme", f"sum55={M}/rl_edit_sum55"])}}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole paper in miniature, on a 2-core CPU, with one command:
 #   build the world, curate -> teach the tiny VLM to see -> train the edit + gen critics | pre-train the tiny policies ->
-#   DiffusionNFT RL (gen with QMA; edit with CME and the 0.5/0.5 sum; gen with the exact pixel reward) |
-#   bench the critics -> evaluate the policies with the independent pixel judge -> runs/mini/REPORT.md
-# The curation ablation (critics trained on directly judged labels) is not part of it: see README.
+#   DiffusionNFT RL (gen with QMA, with the direct-judged gen critic, with the exact pixel reward; edit with CME and
+#   the 0.5/0.5 sum) -> bench the critics -> evaluate the policies with the independent pixel judge -> runs/mini/REPORT.md
+# The gen half of the curation ablation (a critic trained on directly judged labels) is part of it; the edit half
+# (python train_reward.py --preset mini-edit-direct) is not: its ~1600 s of one core would lengthen the job by as much.
 # Every stage skips work already done, so a rerun (or a run after a kill) continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,6 +14,7 @@ R=runs/mini
 SEED=${SEED:-0}
 S="--seed $SEED"
 mkdir -p $R/logs
+rm -f $R/logs/lane.failed $R/logs/times.tsv  # a rerun times only what it runs
 t0=$(date +%s)
 
 stage() { echo; echo "=== [$(( $(date +%s) - t0 )) s] $*"; }
@@ -22,7 +24,7 @@ side_by_side() {
   local pids=() names=() rc=0
   while [ $# -gt 0 ]; do
     local name=$1 cmd=$2; shift 2
-    ( eval "$cmd" 2>&1 | tee $R/logs/$name.log | sed -u "s/^/[$name] /" ) &
+    ( eval "$cmd" 2>&1 | tee $R/logs/$name.log | sed -u "s/^/[$name] /" || { touch $R/logs/lane.failed; exit 1; } ) &
     pids+=($!); names+=("$name")
   done
   for i in "${!pids[@]}"; do
@@ -30,30 +32,50 @@ side_by_side() {
   done
   return $rc
 }
-# Run a command unless its output marker exists (finished earlier); killed runs resume from checkpoints.
-unless_done() { local marker=$1; shift; if [ -e "$marker" ]; then echo "skip: $marker exists"; else eval "$@"; fi; }
-# Wait (at most 30 min) for a file that the other lane writes.
-wait_for() { local t=0; until [ -e "$1" ]; do sleep 5; t=$((t + 5)); [ $t -lt 1800 ] || { echo "!! gave up waiting for $1"; return 1; }; done; }
+# step NAME MARKER CMD...: run CMD unless MARKER exists (finished earlier; killed runs resume from checkpoints; "-":
+# always run, the command resumes itself), and append "NAME <tab> start s <tab> end s" (since the job started) to
+# $R/logs/times.tsv.
+step() {
+  local name=$1 marker=$2; shift 2
+  if [ "$marker" != - ] && [ -e "$marker" ]; then echo "skip: $marker exists"; return 0; fi
+  local t1=$(( $(date +%s) - t0 ))
+  eval "$@" || return 1
+  echo -e "$name\t$t1\t$(( $(date +%s) - t0 ))" >> $R/logs/times.tsv
+}
+# Wait for a file that the other lane writes; give up when that lane has failed, or after an hour.
+wait_for() {
+  local t=0
+  until [ -e "$1" ]; do
+    [ ! -e $R/logs/lane.failed ] || { echo "!! the other lane failed"; return 1; }
+    [ $t -lt 3600 ] || { echo "!! gave up waiting for $1"; return 1; }
+    sleep 5; t=$((t + 5))
+  done
+}
 
-stage "1/4 build the miniature world (candidates, bench, RL prompts), curate it (difference-first edits, plan-then-score generations), build the tiny critic base"
-unless_done $R/data/world.json "python -m toy world --out $R/data $S 2>&1 | tee $R/logs/world.log"
-unless_done $R/data/summary.json "python curate.py --preset mini $S 2>&1 | tee $R/logs/curate.log"
-unless_done $R/models/critic-base/config.json "python -m toy critic-base --data $R/data --out $R/models/critic-base $S 2>&1 | tee $R/logs/critic-base.log"
-
-# Each lane runs its steps in order on one core; two lanes run side by side (2-core budget).
-critic() { echo "unless_done $R/models/$1/train_reward.json python train_reward.py --preset $2 --resume $S"; }
-stage "2/4 teach the tiny Qwen3-VL to see, then train the edit and gen critics | pre-train the tiny policies"
+# Two lanes, one per core, each running its steps in order; a step waits only for the files it reads (wait_for),
+# so neither core idles at a stage boundary. Every step's start and end go to $R/logs/times.tsv (the report's table).
+critic() { echo "step $1 $R/models/$1/train_reward.json python train_reward.py --preset $2 --resume $S"; }
+rl() { echo "step $1 $R/$1/pytorch_lora_weights.safetensors python $2.py --preset mini --out $R/$1 --resume $S ${*:3}"; }
+stage "1/2 lane A: world -> curate -> critic base -> the seeing stage -> edit critic -> RL edit (CME, 0.5/0.5 sum) | " \
+      "lane B: pre-train the tiny generator and editor -> gen critic (+ direct-judged) -> RL gen (QMA, direct-judged critic, exact pixel reward) -> bench critics"
 side_by_side \
-  critics "$(critic vlm-base mini-vlm) && $(critic edit-critic mini-edit)" \
-  policies "unless_done $R/models/gen-base/model_index.json python -m toy pretrain-gen $S && wait_for $R/models/vlm-base/train_reward.json && $(critic gen-critic mini-gen) && unless_done $R/models/edit-base/model_index.json python -m toy pretrain-edit $S"
+  lane-a "step world $R/data/world.json python -m toy world --out $R/data $S \
+       && step curate $R/data/summary.json python curate.py --preset mini $S \
+       && step critic-base $R/models/critic-base/config.json python -m toy critic-base --data $R/data --out $R/models/critic-base $S \
+       && $(critic vlm-base mini-vlm) && $(critic edit-critic mini-edit) && $(rl rl_edit_cme rl_edit) \
+       && $(rl rl_edit_sum55 rl_edit --reward sum55)" \
+  lane-b "step pretrain-gen $R/models/gen-base/model_index.json python -m toy pretrain-gen $S \
+       && step pretrain-edit $R/models/edit-base/model_index.json python -m toy pretrain-edit $S \
+       && wait_for $R/models/vlm-base/train_reward.json && $(critic gen-critic mini-gen) \
+       && $(critic gen-critic-direct mini-gen-direct) && $(rl rl_gen rl_gen) \
+       && $(rl rl_gen_direct rl_gen --reward-model $R/models/gen-critic-direct) \
+       && $(rl rl_gen_pixel rl_gen --reward-model toy.judges:pixel --reward-image-size 0) \
+       && wait_for $R/models/edit-critic/train_reward.json && step bench-critics - python bench.py critics --preset mini"
 
-stage "3/4 DiffusionNFT: gen with QMA, edit with CME + ablations (edit with the 0.5/0.5 sum, Table 5; gen with the exact pixel reward) | bench the critics"
-side_by_side \
-  rl-a "unless_done $R/rl_gen/pytorch_lora_weights.safetensors python rl_gen.py --preset mini --resume $S && unless_done $R/rl_edit_sum55/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --reward sum55 --out $R/rl_edit_sum55 --resume $S" \
-  rl-b "unless_done $R/rl_edit_cme/pytorch_lora_weights.safetensors python rl_edit.py --preset mini --resume $S && unless_done $R/rl_gen_pixel/pytorch_lora_weights.safetensors python rl_gen.py --preset mini --reward-model toy.judges:pixel --reward-image-size 0 --out $R/rl_gen_pixel --resume $S && python bench.py critics --preset mini"
-
-stage "4/4 evaluate the policies with the independent pixel judge, write the report"
-side_by_side eval-gen "python bench.py policy --preset mini --kind gen" eval-edit "python bench.py policy --preset mini --kind edit"
+stage "2/2 evaluate the policies with the independent pixel judge, write the report"
+side_by_side eval-gen "step eval-gen - python bench.py policy --preset mini --kind gen" \
+  eval-edit "step eval-edit - python bench.py policy --preset mini --kind edit"
+echo -e "all\t0\t$(( $(date +%s) - t0 ))" >> $R/logs/times.tsv
 python -m toy report 2>&1 | tee $R/logs/report.log
 
 stage "done: open $R/REPORT.md"

@@ -411,9 +411,15 @@ def test_report_gathers_what_exists_reads_held_out_numbers_from_eval_jsonl_and_n
     write_jsonl(root / "rl_edit_cme" / "metrics.jsonl", [{"step": 1, "reward": 0.3, "reward_fail": 0}])
     write_jsonl(root / "rl_edit_cme" / "eval.jsonl", [{"step": 0, "eval_reward": 0.2, "eval_judge": 0.1},
                                                       {"step": 2, "eval_reward": 0.4, "eval_judge": 0.5}])
+    (root / "logs").mkdir()
+    (root / "logs" / "times.tsv").write_text("world\t0\t12\nedit-critic\t700\t2300\n")  # as run_mini.sh's step writes it
     toy.main(["report", "--root", str(root)])  # python -m toy report
     md = (root / "REPORT.md").read_text()
+    assert "| world | 0 | 12 | 12 |" in md and "| edit-critic | 700 | 2300 | 1600 |" in md
     assert "| c | 0.40 |" in md and "| rl_gen | 20 | 0.500 | 0.685 | — |" in md
     assert "| rl_edit_cme | 1 | 0.300 | 0.300 | eval_reward 0.200 -> 0.400; eval_judge 0.100 -> 0.500 |" in md
     assert (root / "report" / "rl_gen_reward.png").is_file() and (root / "report" / "rl_edit_cme_reward.png").is_file()
     assert "_missing: run `python bench.py policy" in md
+    (root / "logs" / "times.tsv").write_text("world 0 12\n")  # not tab-separated: the file and line are named
+    with pytest.raises(ValueError, match=r"times.tsv:1: expected"):
+        toy.main(["report", "--root", str(root)])

@@ -5,7 +5,8 @@
 
 Sections: 1. the critics on the miniature FIRM-Bench (bench.py critics --preset mini), 2. the RL runs (training
 reward from metrics.jsonl, held-out evaluation from eval.jsonl), 3. the policies on held-out prompts judged by the
-world's exact pixel judge (bench.py policy --preset mini), each grid with the exact target as a column. A section
+world's exact pixel judge (bench.py policy --preset mini), each grid with the exact target as a column, 4. each
+step's time (logs/times.tsv, written by run_mini.sh). A section
 whose inputs are missing says which command makes them.
 
 What is the world's here, not the paper's: the bench's "human" scores are the exact ground truth of the rubrics
@@ -93,6 +94,22 @@ def policy_section(root):
     return md or ["_missing: run `python bench.py policy --preset mini --kind gen|edit`_", ""]
 
 
+def times_section(root):
+    """run_mini.sh's steps with their start and end (seconds since the job started), from logs/times.tsv."""
+    path = root / "logs" / "times.tsv"
+    if not path.is_file():
+        return ["_missing: logs/times.tsv (written by run_mini.sh)_", ""]
+    md = ["| step | start s | end s | took s |", "|---|---|---|---|"]
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            name, start, end = line.split("\t")
+            md.append(f"| {name} | {int(start)} | {int(end)} | {int(end) - int(start)} |")
+        except ValueError:
+            raise ValueError(f"{path}:{i}: expected 'name<TAB>start<TAB>end' in seconds, got {line!r}") from None
+    return md + ["", "Two lanes run side by side, one per core (run_mini.sh); `all` is the whole job. A rerun times "
+                 "only the steps it runs.", ""]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m toy report", description="the miniature run's report, REPORT.md")
     ap.add_argument("--root", default="runs/mini", help="the run's directory (what run_mini.sh writes)")
@@ -102,7 +119,8 @@ def main(argv=None):
           "missing say which command makes them. The bench's \"human\" scores are the world's exact ground truth.", "",
           "## 1. Critics on the miniature FIRM-Bench", "", *critics_section(root),
           "## 2. RL runs (training reward from metrics.jsonl; held-out evaluation from eval.jsonl)", "", *rl_section(root),
-          "## 3. Policies on held-out prompts (an independent judge)", "", *policy_section(root)]
+          "## 3. Policies on held-out prompts (an independent judge)", "", *policy_section(root),
+          "## 4. Where the time went (run_mini.sh)", "", *times_section(root)]
     (root / "REPORT.md").write_text("\n".join(md) + "\n")
     print(f"wrote {root / 'REPORT.md'}")
 
