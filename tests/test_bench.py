@@ -395,8 +395,9 @@ def test_policy_preset_names_base_and_tuned_editors_and_rejects_a_missing_one(tm
     assert args.tuned == {"cme": "runs/mini/rl_edit_cme", "sum55": "runs/mini/rl_edit_sum55"}
     lora_dir(tmp_path / "runs/mini/rl_gen")
     lora_dir(tmp_path / "runs/mini/rl_gen_pixel")
+    lora_dir(tmp_path / "runs/mini/rl_gen_direct")
     assert bench.get_args(["policy", "--preset", "mini", "--kind", "gen"]).tuned == {
-        "qma": "runs/mini/rl_gen", "pixel": "runs/mini/rl_gen_pixel"}
+        "qma": "runs/mini/rl_gen", "direct": "runs/mini/rl_gen_direct", "pixel": "runs/mini/rl_gen_pixel"}
 
 
 # -----------------------------------------------------------------------------
