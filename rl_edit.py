@@ -65,7 +65,7 @@ from rl_gen import nft_step, noise_levels, ode_sample, optimality_targets, train
 PRESETS = {
     # The miniature world on one CPU core: the tiny editor (python -m toy pretrain-edit) and the tiny edit critic;
     # 4 prompts x 8 edits per step, 2 of the 6 noise levels trained per edit, LoRA r16 at lr 1e-3. 10 steps, stopped
-    # early: in three main jobs of 30 steps the held-out judge was highest at step 10 (or at 0) and then fell while
+    # early: in two main jobs of 30 steps the held-out judge was highest at step 10 (or at 0) and then fell while
     # the critic's reward kept rising (NOTES.md).
     "mini": dict(model="runs/mini/models/edit-base", prompts="runs/mini/data/rl/edit_train.jsonl",
                  test_prompts="runs/mini/data/rl/edit_test.jsonl", reward_model="runs/mini/models/edit-critic",

@@ -51,8 +51,8 @@ from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights,
 PRESETS = {
     # The miniature world on one CPU core (MINIATURE_NOTES): the tiny SD3 (python -m toy pretrain-gen) and the
     # tiny gen critic; 4 prompts x 8 samples per step, 2 of the 10 noise levels trained per sample, LoRA lr 1e-3.
-    # 20 steps, stopped early: in three main jobs of 60 steps the held-out judge peaked at step 20 and then fell
-    # while the critic's reward kept rising (the critic is hacked; NOTES.md).
+    # 20 steps, stopped early: in three main jobs of 60 steps with the gen critic the held-out judge peaked at step
+    # 20 and then fell while the critic's reward kept rising (the critic is hacked; NOTES.md).
     "mini": dict(model="runs/mini/models/gen-base", prompts="runs/mini/data/rl/gen_train.jsonl",
                  test_prompts="runs/mini/data/rl/gen_test.jsonl", reward_model="runs/mini/models/gen-critic",
                  eval_judge="toy.judges:pixel", reward_image_size=64, out="runs/mini/rl_gen", resolution=0, steps=20,
