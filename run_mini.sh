@@ -4,7 +4,7 @@
 #   DiffusionNFT RL (gen with QMA, with the direct-judged gen critic, with the exact pixel reward; edit with CME and
 #   the 0.5/0.5 sum) -> bench the critics -> evaluate the policies with the independent pixel judge -> runs/mini/REPORT.md
 # The gen half of the curation ablation (a critic trained on directly judged labels) is part of it; the edit half
-# (python train_reward.py --preset mini-edit-direct) is not: its ~1600 s of one core would lengthen the job by as much.
+# (python train_reward.py --preset mini-edit-direct) is not: its ~1500 s of one core would lengthen the job by as much.
 # Every stage skips work already done, so a rerun (or a run after a kill) continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
