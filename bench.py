@@ -622,7 +622,7 @@ def get_args(argv=None):
     c.add_argument("--critic", action="append", default=None, help="NAME=SPEC[@edit|@gen]; SPEC = model dir | "
                    "http://host:port/v1[#served name] | package.module:factory | file:preds.jsonl | constant[:k]")
     c.add_argument("--sft-dir", default=None, help="SFT files whose mean score the 'constant' baseline predicts")
-    c.add_argument("--method", default="generate", choices=["generate", "expected"], help="critic scoring method")
+    c.add_argument("--method", default="generate", choices=reward.METHODS, help="critic scoring method")
     c.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")
     c.add_argument("--max-new-tokens", type=int, default=None, help="tokens per critic answer (default: reward.MAX_NEW_TOKENS, "
                    "the release's 256 edit / 8192 gen)")

@@ -438,8 +438,9 @@ def add_rl_args(ap, reward="qma", fusions=("qma", "instruction"), rollout_steps=
     ap.add_argument("--reward-model", default=None, help="the critic (reward.open_critic): a model directory scored in "
                     "process, an OpenAI-compatible endpoint http://host:port/v1[#served name] (key from "
                     "$FIRM_CRITIC_API_KEY), or a Python factory module:name")
-    ap.add_argument("--reward-method", default="generate", choices=["generate", "expected"],
-                    help="greedy answer then parse (paper), or the expected score from digit probabilities")
+    ap.add_argument("--reward-method", default="generate", choices=("generate", "soft", "expected"),
+                    help="greedy answer then parse (paper); 'soft': the same answer, each score its expectation under "
+                    "the digit probabilities where the critic wrote it; 'expected': digit probabilities, reasoning skipped")
     ap.add_argument("--reward-batch", type=int, default=16, help="items per critic forward")
     ap.add_argument("--reward-max-new-tokens", type=int, default=None,
                     help="critic answer limit, tokens (default: the release's per-mode limit, reward.MAX_NEW_TOKENS)")

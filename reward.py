@@ -21,9 +21,12 @@ Departures from the paper and its release:
      ~100 generated tokens, and continuous (the release's "logits_non_cot" server is similar). In process only: the
      chat API gives no digit probabilities after a forced prefix. It asks for a snap judgement the critic was never
      trained to give: benchmarks/bench_reward.py measures how far it lies from the generated score.
-  4. Beyond the paper: samples=N, EditScore-style self-ensembling (mean of N sampled answers).
-  5. Scores are normalised as (s - 1) / 4, as the release's CME config ("range_1_5") and gen reward do.
-  6. Answer limits per mode are the release's (MAX_NEW_TOKENS: 256 edit, 8192 gen); an answer that hits the limit
+  4. Beyond the paper: method "soft", the generated answer (reasoning and all) with each score digit replaced by its
+     expectation under the critic's digit probabilities at that position: no extra pass, ties broken. Served
+     critics return the probabilities as the API's logprobs (vLLM, SGLang; transformers serve has none).
+  5. Beyond the paper: samples=N, EditScore-style self-ensembling (mean of N sampled answers).
+  6. Scores are normalised as (s - 1) / 4, as the release's CME config ("range_1_5") and gen reward do.
+  7. Answer limits per mode are the release's (MAX_NEW_TOKENS: 256 edit, 8192 gen); an answer that hits the limit
      without a score is counted as "cut", apart from other parse failures.
 """
 
@@ -34,6 +37,7 @@ import http.client
 import importlib
 import io
 import json
+import math
 import os
 import re
 import time
@@ -155,7 +159,7 @@ class Judgement:
     text: str  # the critic's raw answer (ensembles: the answers joined; "expected": the digit probabilities)
     ok: bool
     error: str = ""  # why it failed: the parser's reason, the length limit, too little probability on the digits
-    how: str = ""  # json | boxed | rating | pattern | expected | ensemble | failed | cut | unanswered (server gone)
+    how: str = ""  # json | boxed | rating | pattern | expected | soft | ensemble | failed | cut | unanswered (server gone)
 
 
 # the gen instruction score: \boxed{} first, then "Final Alignment Rating", then JSON; every other mode JSON first
@@ -267,13 +271,16 @@ def fuse(name, scores):
 # -----------------------------------------------------------------------------
 # critics: a model directory scored in this process, an OpenAI-compatible endpoint, a Python factory
 
+METHODS = ("generate", "soft", "expected")  # how a critic turns an answer into a score (Critic's docstring)
+
+
 def check_items(mode, items, prompts=PROMPTS, method="generate", samples=1):
     """The critic's user turn (content parts) for each item. A bad argument or item raises before any model work,
     naming the item's index and field; keys a critic does not read (e.g. "record") pass unchecked."""
     if mode not in N_SCORES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(N_SCORES)}")
-    if method not in ("generate", "expected"):
-        raise ValueError(f"'method' must be 'generate' or 'expected', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"'method' must be one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1 or (samples > 1 and method != "generate"):
         raise ValueError(f"'samples' must be an integer >= 1 (> 1 only with method 'generate'), got {samples!r}")
     turns = []
@@ -289,10 +296,29 @@ def check_items(mode, items, prompts=PROMPTS, method="generate", samples=1):
     return turns
 
 
-def judge_answers(mode, texts, cut, limit):
+def soft_scores(scores, digits):
+    """The parsed integer scores -> their expectations where the critic wrote them (method "soft"), or a failure.
+    digits: the answer's digit tokens in order, as (digit, [p(1), ..., p(5)]) with the probabilities the critic gave
+    the digits 1-5 at that token's position. The scores are the last len(scores) digit tokens, which must spell them
+    (a score read from elsewhere, e.g. "4/5", has no position of its own). -> Judgement-like (floats or None, why)."""
+    last = digits[-len(scores):] if len(digits) >= len(scores) else []
+    if [d for d, _ in last] != list(scores):
+        return None, (f"the last {len(scores)} digit token(s) of the answer, {[d for d, _ in last]}, are not its "
+                      f"score(s) {list(scores)}: no position to read the probabilities at")
+    if any(sum(ps) <= 0 for _, ps in last):
+        return None, "no probability on the digits 1-5 at the score's position"
+    return [sum(k * p for k, p in enumerate(ps, 1)) / sum(ps) for _, ps in last], ""
+
+
+def judge_answers(mode, texts, cut, limit, digits=None):
     """One item's answer(s) -> its Judgement: one answer's parse ("cut" when the length limit stopped it before a
-    score), or the mean of the samples that parsed (EditScore's self-ensemble)."""
+    score), or the mean of the samples that parsed (EditScore's self-ensemble). digits (method "soft"): per answer,
+    its digit tokens and their probabilities (soft_scores); each parsed score becomes its expectation."""
     parsed = [parse_score(t, N_SCORES[mode], mode) for t in texts]
+    for i, j in enumerate(parsed if digits is not None else []):
+        if j.ok:
+            soft, why = soft_scores(j.scores, digits[i])
+            parsed[i] = Judgement(soft, j.text, True, "", "soft") if soft else Judgement(None, j.text, False, why, "failed")
     parsed = [Judgement(None, j.text, False, f"answer cut at max_new_tokens={limit} before a score", "cut")
               if c and not j.ok else j for j, c in zip(parsed, cut)]
     if len(texts) == 1:
@@ -313,6 +339,25 @@ def digit_expectation(logits, digit_ids):
     return (p * torch.arange(1, 6, dtype=p.dtype, device=p.device)).sum(-1) / mass, mass
 
 
+class DigitRecorder:
+    """A logits processor that records, at every generated position, the probability of each digit 1-5 (summed over
+    the tokens that spell it) and changes nothing: the "soft" method's probabilities come from the greedy pass itself."""
+
+    def __init__(self, classes):
+        self.classes, self.steps = classes, []  # classes: [token ids] per digit 1..5; steps: (B, 5) per position
+
+    def __call__(self, input_ids, scores):
+        p = scores.float().softmax(-1)
+        self.steps.append(torch.stack([p[:, ids].sum(-1) for ids in self.classes], -1).cpu())
+        return scores
+
+    def digits(self, seqs):
+        """Per generated row: [(digit, [p(1..5)])] at each position where it wrote a digit token, in order."""
+        value = {i: k for k, ids in enumerate(self.classes, 1) for i in ids}
+        return [[(value[t], self.steps[pos][row].tolist()) for pos, t in enumerate(seqs[row].tolist()) if t in value]
+                for row in range(seqs.shape[0])]
+
+
 class Critic:
     """A critic model directory (the tiny critic, Qwen3-VL-8B-Instruct, FIRM-Edit-8B, ...), loaded once.
 
@@ -324,6 +369,8 @@ class Critic:
       other key; the miniature world's judges read their ground truth from item["record"]["toy"].
     "generate": batched greedy decoding (left padding, KV cache), then parse_score; at most max_new_tokens tokens
         (None: MAX_NEW_TOKENS[mode]). An answer stopped by the limit before a score fails as "cut".
+    "soft": as "generate", then each parsed score replaced by its expected value under the digit probabilities at
+        the position where the critic wrote it, after its own reasoning (soft_scores): no extra pass.
     "expected": digit_expectation after the teacher-forced answer prefix, one forward pass per score; fails when
         the digits get < min_digit_mass of the probability.
     samples > 1 (generate only): the mean of the sampled answers that parsed, drawn with the checkpoint's
@@ -356,7 +403,8 @@ class Critic:
         out = []
         for s in range(0, len(items), self.batch_size):
             batch = self._inputs(turns[s:s + self.batch_size], images[s:s + self.batch_size])
-            out += self._generate(mode, batch, samples) if method == "generate" else self._expected(mode, batch)
+            out += (self._expected(mode, batch) if method == "expected" else
+                    self._generate(mode, batch, samples, soft=method == "soft"))
         return out
 
     def _inputs(self, turns, images):
@@ -369,18 +417,32 @@ class Critic:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         return batch
 
-    def _generate(self, mode, batch, samples):  # -> one Judgement per item
+    def _generate(self, mode, batch, samples, soft=False):  # -> one Judgement per item
         gc, limit = copy.deepcopy(self.model.generation_config), self.max_new_tokens or MAX_NEW_TOKENS[mode]
         gc.update(max_new_tokens=limit, do_sample=samples > 1, num_return_sequences=samples)
         if samples == 1:  # greedy: drop the checkpoint's sampling settings (Qwen3-VL ships temperature 0.7 etc.)
             gc.update(temperature=None, top_p=None, top_k=None)
-        seqs = self.model.generate(**batch, generation_config=gc)[:, batch["input_ids"].shape[1]:]  # (B * samples, <= limit)
+        recorder = DigitRecorder(self.digit_classes()) if soft else None
+        seqs = self.model.generate(**batch, generation_config=gc, logits_processor=[recorder] if soft else None)
+        seqs = seqs[:, batch["input_ids"].shape[1]:]  # (B * samples, <= limit)
         texts = self.tok.batch_decode(seqs, skip_special_tokens=True)
+        digits = recorder.digits(seqs) if soft else [None] * len(texts)
         eos = [e for e in (gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]) if e is not None]
         ended = torch.isin(seqs, torch.tensor(eos, device=seqs.device)).any(1).tolist()
         cut = [not e and seqs.shape[1] >= limit for e in ended]  # stopped by the limit, not by the critic
         # generate returns each item's samples next to each other
-        return [judge_answers(mode, texts[i:i + samples], cut[i:i + samples], limit) for i in range(0, len(texts), samples)]
+        return [judge_answers(mode, texts[i:i + samples], cut[i:i + samples], limit, digits[i:i + samples] if soft else None)
+                for i in range(0, len(texts), samples)]
+
+    def digit_classes(self):
+        """[ids of the tokens that spell k] for k = 1..5: "k", and " k" where the tokenizer has it as one token (the
+        tiny world's does; Qwen's writes digits apart from spaces)."""
+        if "digits" not in self._slots:
+            forms = [[self.tok.encode(f + str(k), add_special_tokens=False) for k in range(1, 6)] for f in ("", " ")]
+            if any(len(ids) != 1 for ids in forms[0]):
+                raise ValueError("method 'soft' needs the digits 1-5 to be single tokens")
+            self._slots["digits"] = [[form[k][0] for form in forms if all(len(x) == 1 for x in form)] for k in range(5)]
+        return self._slots["digits"]
 
     @torch.inference_mode()
     def chat(self, images, text, max_new_tokens=512):
@@ -430,6 +492,27 @@ class Critic:
             out.append(Judgement(None, text, False, low, "failed") if min(ms) < self.min_digit_mass
                        else Judgement(list(vals), text, True, "", "expected"))
         return out
+
+
+TOP_LOGPROBS = 20  # log-probabilities per position a served critic returns for method "soft" (the API's maximum)
+
+
+def api_digits(logprobs):
+    """The chat API's logprobs of one answer, {"content": [{"token", "logprob", "top_logprobs": [{"token", "logprob"},
+    ...]}, ...]}, -> its digit tokens as soft_scores takes them: (digit, [p(1), ..., p(5)]) at every position whose
+    token spells a digit 1-5 ("4" or " 4"), each p summed over the tokens that spell it among the top log-probabilities
+    (a digit outside them counts 0: the server's top_logprobs bounds what it can show)."""
+    value = lambda t: int(t.strip()) if isinstance(t, str) and t.strip() in ("1", "2", "3", "4", "5") and t in (
+        t.strip(), " " + t.strip()) else None
+    out = []
+    for pos in logprobs.get("content") or []:
+        if (d := value(pos.get("token"))) is not None:
+            p = [0.0] * 5
+            for alt in pos.get("top_logprobs") or []:
+                if (k := value(alt.get("token"))) is not None:
+                    p[k - 1] += math.exp(alt["logprob"])
+            out.append((d, p))
+    return out
 
 
 API_KEY_ENV = "FIRM_CRITIC_API_KEY"  # the endpoint's key, read from the environment only: never argv, never a file
@@ -506,32 +589,40 @@ class ServedCritic:
                 time.sleep(min(30.0, 2.0 ** attempt))
         raise OSError(f"{self.url}{path}: no answer after {self.retries + 1} tries: {error}")
 
-    def complete(self, parts, images, max_tokens, samples=1):
-        """One user turn -> [(text, finish_reason)], one per sample."""
+    def complete(self, parts, images, max_tokens, samples=1, digits=False):
+        """One user turn -> [(text, finish_reason, digit tokens (api_digits) or None)], one per sample. digits=True
+        asks for the top TOP_LOGPROBS log-probabilities at every position (vLLM, SGLang; method "soft")."""
         body = {"model": self.model, "messages": [{"role": "user", "content": api_content(parts, images)}],
                 "max_tokens": max_tokens} | ({"temperature": 0} if samples == 1 else {"n": samples})
+        body |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if digits else {}
         choices = self._call("POST", "/chat/completions", body).get("choices") or []
         if len(choices) != samples:
             raise CriticServerError(f"{self.url}: asked for {samples} answers (n), got {len(choices)}; this server does "
                                     "not sample several answers per request: use samples=1")
-        return [((c.get("message") or {}).get("content") or "", c.get("finish_reason")) for c in choices]
+        if digits and any(not isinstance(c.get("logprobs"), dict) for c in choices):
+            raise CriticServerError(f"{self.url}: asked for logprobs (method 'soft'), got none: this server does not "
+                                    "return them; use method 'generate'")
+        return [((c.get("message") or {}).get("content") or "", c.get("finish_reason"),
+                 api_digits(c["logprobs"]) if digits else None) for c in choices]
 
     def chat(self, images, text, max_new_tokens=512):
         """A free-form question about `images` (curate's difference reports and plans): the greedy answer."""
         return self.complete(content_parts(mark_images(text, len(images), "the judge prompt")), images, max_new_tokens)[0][0]
 
     def score(self, mode, items, method="generate", samples=1):
-        if method != "generate":
-            raise ValueError(f"method {method!r} needs the critic in process (a model directory): the chat API has no "
-                             "digit probabilities after a forced answer prefix")
+        if method == "expected":
+            raise ValueError("method 'expected' needs the critic in process (a model directory): the chat API gives "
+                             "no digit probabilities after a forced answer prefix")
         turns, limit = check_items(mode, items, self.prompts, method, samples), self.max_new_tokens or MAX_NEW_TOKENS[mode]
 
         def judge(k):
             try:
-                answers = self.complete(turns[k], [items[k][f] for f in IMAGE_FIELDS[mode]], limit, samples)
+                answers = self.complete(turns[k], [items[k][f] for f in IMAGE_FIELDS[mode]], limit, samples,
+                                        method == "soft")
             except OSError as e:  # the server is gone or failing: this item has no score, counted, the run goes on
                 return Judgement(None, "", False, str(e), "unanswered")
-            return judge_answers(mode, [t for t, _ in answers], [f == "length" for _, f in answers], limit)
+            return judge_answers(mode, [t for t, _, _ in answers], [f == "length" for _, f, _ in answers], limit,
+                                 [d for _, _, d in answers] if method == "soft" else None)
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(judge, range(len(items))))
 
@@ -654,8 +745,8 @@ def get_args(argv=None):
     # the critic
     score.add_argument("--model", required=True, help="a model directory (scored in this process), an OpenAI-compatible "
                        "endpoint http://host:port/v1[#served model name] (key: $FIRM_CRITIC_API_KEY), or package.module:name")
-    score.add_argument("--method", default="generate", choices=["generate", "expected"],
-                       help="'expected' (digit probabilities) needs a model directory")
+    score.add_argument("--method", default="generate", choices=METHODS,
+                       help="'expected' needs a model directory; 'soft' a model directory or a server that returns logprobs")
     score.add_argument("--samples", type=int, default=1, help="self-ensemble size (generate only)")
     score.add_argument("--prompt-file", default=None,
                        help="JSON {mode: template, answer_prefix: {...}} a checkpoint was trained with")

@@ -224,6 +224,9 @@ class StubLM(torch.nn.Module):
                for i in range(n)]
         width = max(map(len, ans))
         ans = torch.tensor([a + [self.tok.pad_token_id] * (width - len(a)) for a in ans])
+        for proc in kw.get("logits_processor") or []:  # as generate calls them: once per generated position
+            for _ in range(width):
+                proc(None, self.logits.expand(n, -1))
         return torch.cat([input_ids.repeat_interleave(generation_config.num_return_sequences, 0), ans], 1)
 
 
@@ -284,6 +287,50 @@ def test_expected_method_fails_when_the_critic_puts_little_mass_on_digits(proces
     critic = stub_critic(processor, logits=torch.zeros(len(processor.tokenizer)))  # uniform: 5/V on digits
     j = critic.score("execution", edit_items(1), method="expected")[0]
     assert not j.ok and j.scores is None and "digit probability mass" in j.error
+
+
+def test_soft_scores_are_the_expectations_at_the_last_digit_tokens():
+    p4, p3 = [0.1, 0.1, 0.1, 0.6, 0.1], [0.0, 0.2, 0.6, 0.2, 0.0]
+    digits = [(2, [0.2] * 5), (4, p4), (3, p3)]  # "row 2 ... [4, 3]"
+    assert reward.soft_scores([4, 3], digits)[0] == pytest.approx([0.1 + 0.2 + 0.3 + 2.4 + 0.5, 0.4 + 1.8 + 0.8])
+    assert reward.soft_scores([3], [(3, [1, 1, 2, 0, 0])])[0] == pytest.approx([(1 + 2 + 6) / 4])  # renormalised
+    assert reward.soft_scores([4], [(4, p4), (5, p4)]) == (None, "the last 1 digit token(s) of the answer, [5], are "
+                                                               "not its score(s) [4]: no position to read the probabilities at")
+    assert reward.soft_scores([4, 3], [(3, p3)])[0] is None  # fewer digit tokens than scores
+
+
+def test_soft_method_reads_the_digit_probabilities_where_the_critic_wrote_its_score(processor):
+    tok = processor.tokenizer
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
+    logits = torch.full((len(tok),), -1e4)
+    logits[digits] = torch.tensor([0.0, 1.0, 2.0, 0.5, -1.0])
+    logits[tok.convert_tokens_to_ids("}")] = 1.5  # mass off the digits: renormalised over them
+    critic = stub_critic(processor, logits=logits, answers=['{"reasoning": "row 2 is right", "score": [4]}', "4 out of 5"])
+    good, bad = critic.score("execution", edit_items(2), method="soft")
+    e = [math.exp(x) for x in [0.0, 1.0, 2.0, 0.5, -1.0]]
+    assert good.ok and good.how == "soft" and good.scores == pytest.approx([sum((k + 1) * x for k, x in enumerate(e)) / sum(e)])
+    assert good.text == '{"reasoning": "row 2 is right", "score": [4]}'
+    assert not bad.ok and bad.scores is None and "are not its score(s) [4]" in bad.error  # "4/5": the last digit is 5
+    with pytest.raises(ValueError, match="> 1 only with method 'generate'"):
+        critic.score("execution", edit_items(1), method="soft", samples=2)
+
+
+def test_api_digits_reads_the_served_logprobs_of_every_digit_token():
+    lp = lambda p: math.log(p)  # noqa: E731
+    answer = {"content": [  # '{"reasoning": "row 2", "score": [4]}' as vLLM returns it, cut to the tokens that matter
+        {"token": "row", "logprob": lp(0.9), "top_logprobs": [{"token": "row", "logprob": lp(0.9)}]},
+        {"token": " 2", "logprob": lp(0.7), "top_logprobs": [{"token": " 2", "logprob": lp(0.7)},
+                                                             {"token": " 3", "logprob": lp(0.2)}]},
+        {"token": "4", "logprob": lp(0.5), "top_logprobs": [{"token": "4", "logprob": lp(0.5)}, {"token": "5", "logprob": lp(0.2)},
+                                                            {"token": " 5", "logprob": lp(0.1)}, {"token": "45", "logprob": lp(0.1)},
+                                                            {"token": "]", "logprob": lp(0.05)}]},
+        {"token": "]}", "logprob": lp(1.0), "top_logprobs": []}]}
+    digits = reward.api_digits(answer)
+    assert [d for d, _ in digits] == [2, 4]
+    assert digits[0][1] == pytest.approx([0, 0.7, 0.2, 0, 0])
+    assert digits[1][1] == pytest.approx([0, 0, 0, 0.5, 0.3])  # "5" and " 5" both spell 5; "45" and "]" spell none
+    assert reward.soft_scores([4], digits)[0] == pytest.approx([(4 * 0.5 + 5 * 0.3) / 0.8])
+    assert reward.api_digits({"content": None}) == []
 
 
 def test_generated_answers_are_parsed_and_failures_reported_with_the_text(processor):
@@ -347,6 +394,23 @@ def test_batched_scores_equal_one_at_a_time_scores(critic_base):
     single = critic.score("consistency", items), critic.score("consistency", items, method="expected")
     assert [j.text for j in batched[0]] == [j.text for j in single[0]]
     assert [j.scores[0] for j in batched[1]] == pytest.approx([j.scores[0] for j in single[1]], abs=1e-4)
+
+
+def test_digit_recorder_reads_each_generated_position_of_a_real_model(critic_base):
+    """The "soft" probabilities come from generate's own pass: one (B, 5) row per generated token, the first equal to
+    the digits' softmax share after the prompt (a separate forward pass), and the greedy pass unchanged."""
+    critic = Critic(critic_base, max_new_tokens=5, batch_size=2)
+    batch = critic._inputs(reward.check_items("execution", edit_items(2)), [[it["source"], it["edited"]] for it in edit_items(2)])
+    rec = reward.DigitRecorder(critic.digit_classes())
+    seqs = critic.model.generate(**batch, max_new_tokens=5, do_sample=False, logits_processor=[rec])
+    plain = critic.model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert torch.equal(seqs, plain) and len(rec.steps) == seqs.shape[1] - batch["input_ids"].shape[1] == 5
+    p = critic.model(**batch).logits[:, -1].float().softmax(-1)
+    want = torch.stack([p[:, ids].sum(-1) for ids in critic.digit_classes()], -1)
+    assert rec.steps[0].shape == (2, 5) and torch.allclose(rec.steps[0], want, atol=1e-5)
+    gen = seqs[:, batch["input_ids"].shape[1]:]
+    digits = rec.digits(torch.tensor([[critic.digit_classes()[3][0]] + gen[0, 1:].tolist()]))  # a "4" written first
+    assert digits[0][0] == (4, rec.steps[0][0].tolist())
 
 
 def test_untrained_critic_failures_are_counted_never_scored(critic_base):

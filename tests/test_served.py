@@ -82,10 +82,12 @@ def test_a_wrong_served_name_says_what_is_served_and_a_wrong_url_that_nothing_an
         reward.open_critic("http://127.0.0.1:9/v1#firm-edit")
 
 
-def test_several_samples_need_a_server_that_honours_n(server, mini_data):
+def test_several_samples_and_soft_scores_need_a_server_that_gives_them(server, mini_data):
     critic = reward.open_critic(server.spec, max_new_tokens=TOKENS)
     with pytest.raises(reward.CriticServerError, match=r"asked for 3 answers \(n\), got 1"):
         critic.score("execution", bench_items(mini_data, "execution", 1), samples=3)
+    with pytest.raises(reward.CriticServerError, match="logprobs"):  # transformers serve returns no logprobs (vLLM does)
+        critic.score("execution", bench_items(mini_data, "execution", 1), method="soft")
     with pytest.raises(ValueError, match="needs the critic in process"):
         critic.score("execution", bench_items(mini_data, "execution", 1), method="expected")
 
