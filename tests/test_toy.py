@@ -346,6 +346,28 @@ def test_oracle_critics_return_the_teachers_own_scores_through_the_parser():
                 assert j.ok and j.text == want[0] and j.scores == (want[1] if m == "quality" else [want[1]])
 
 
+def test_the_seeing_teacher_answers_on_clean_renders_as_the_teacher_does_on_their_scenes():
+    """toy.oracle:seeing reads the scene from the image (exact on clean renders), then answers as toy.oracle:noisy;
+    a blank canvas is read as no objects, so a generation of one scores what an empty scene does."""
+    import toy.oracle
+    rng, seeing, noisy = random.Random(7), toy.oracle.seeing(), toy.oracle.noisy()
+    for i in range(6):
+        src = toy.random_scene(rng)
+        edit = toy.random_edit(rng, src)
+        out, _ = toy.simulate_editor(rng, src, edit, "perfect")
+        got, _ = toy.simulate_generator(rng, src, rng.choice(["correct", "missing_object", "wrong_attribute"]))
+        e = {"record": {"id": f"e{i}", "toy": {"scene": src.to_dict(), "edit": edit}}, "source": toy.render(src, 64),
+             "edited": toy.render(out, 64), "instruction": toy.instruction(src, edit)}
+        g = {"record": {"id": f"g{i}", "toy": {"scene": src.to_dict()}}, "image": toy.render(got, 64), "prompt": toy.gen_prompt(src)}
+        known = lambda it, scene: {**it, "record": {**it["record"], "toy": {**it["record"]["toy"], "out_scene": scene.to_dict()}}}
+        for m, it, scene in (("execution", e, out), ("consistency", e, out), ("instruction", g, got)):
+            assert seeing.score(m, [it])[0].scores == noisy.score(m, [known(it, scene)])[0].scores, (i, m)
+    blank = {"record": {"id": "g9", "toy": {"scene": src.to_dict()}}, "image": toy.render(Scene(src.background), 64),
+             "prompt": toy.gen_prompt(src)}
+    assert seeing.score("instruction", [blank])[0].scores == noisy.score("instruction", [
+        {"record": {"id": "g9", "toy": {"scene": src.to_dict(), "out_scene": Scene(src.background).to_dict()}}}])[0].scores
+
+
 def test_teacher_writes_the_report_or_plan_then_the_answers_and_nothing_first_when_direct():
     import toy.oracle
     src = two_objects()

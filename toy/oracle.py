@@ -8,7 +8,8 @@ As judges (the seams: reward.open_critic and curate.py --judge name them by thes
     toy.oracle:noisy    a critic answering as the teacher does after its difference report / plan (noise 0.15)
     toy.oracle:direct   a critic answering as the teacher does when it scores directly (noise 0.15)
     toy.oracle:teacher  curate.py's judge: the difference report or plan, then the answers
-They judge the scenes in the record's `toy` field (scene, out_scene, edit, degrade), not the pixels.
+    toy.oracle:seeing   toy.oracle:noisy on the scene it reads from the image (toy.perception): a reward for RL
+The others judge the scenes in the record's `toy` field (scene, out_scene, edit, degrade), not the pixels.
 """
 
 import copy
@@ -17,10 +18,12 @@ import random
 
 from reward import EDIT_MODES, GEN_MODES, N_SCORES, Judgement, parse_score
 from toy.judges import ground_truth
+from toy.perception import match_ids, perceive
 
 from toy.rubrics import (consistency_score, execution_score, instruction_score, quality_scores, requested_kinds,
                          unintended_changes)
-from toy.world import Scene, change_phrase, check_items, checklist, describe, request_summary, revert, scene_changes
+from toy.world import (Scene, apply_edit, change_phrase, check_items, checklist, describe, request_summary, revert,
+                       scene_changes)
 
 # -----------------------------------------------------------------------------
 # the oracle judge: the texts of the paper's curation pipelines
@@ -158,17 +161,26 @@ def answers(judge, kind, key, truth, direct=False):
 
 
 class OracleCritic:
-    """The teacher as a critic: its answer texts, parsed as every critic's answers are (reward.parse_score)."""
+    """The teacher as a critic: its answer texts, parsed as every critic's answers are (reward.parse_score).
+    see=False: it judges the scene in the record (a candidate's out_scene); see=True: the scene it reads from the
+    item's image (toy.perception, as the policies' own samples are labelled), so it can score RL samples."""
 
-    def __init__(self, mode):
-        self.judge = OracleJudge(NOISE, mode)
+    def __init__(self, mode, see=False):
+        self.judge, self.see = OracleJudge(NOISE, mode), see
 
     def score(self, mode, items, method="generate", samples=1):
-        """The oracle's answer is a function of the record: `method` and `samples` change nothing."""
+        """The oracle's answer is a function of the record (and the image it reads): `method` and `samples` change
+        nothing."""
         kind = "edit" if mode in EDIT_MODES else "gen"
         out = []
         for item in items:
-            truth = ground_truth(item.get("record"), ("scene", "out_scene") + (("edit",) if kind == "edit" else ()))
+            fields = ("scene",) + (() if self.see else ("out_scene",)) + (("edit",) if kind == "edit" else ())
+            truth = ground_truth(item.get("record"), fields)
+            if self.see:  # the image read back, its objects paired with the prompt's (and the edit's target's)
+                src = Scene.from_dict(truth["scene"])
+                seen, degrade = perceive(item["edited" if kind == "edit" else "image"])
+                seen = match_ids(seen, src, *([apply_edit(src, truth["edit"])] if kind == "edit" else []))
+                truth = dict(truth, out_scene=seen.to_dict(), degrade=degrade)
             text = answers(self.judge, kind, item["record"]["id"], truth)[1][mode]
             parsed = parse_score(text, N_SCORES[mode], mode)
             out.append(Judgement(parsed.scores, text, parsed.ok, parsed.error, parsed.how))
@@ -203,3 +215,9 @@ class Teacher:
 
 def teacher():
     return Teacher()
+
+
+def seeing():
+    """The teacher's answers after its difference report / plan on the scene it reads from the image: what a critic
+    trained on the policies' own samples (python -m toy policy-candidates) learns to imitate, as a reward."""
+    return OracleCritic("report", see=True)
