@@ -33,6 +33,7 @@ Departures from the paper and its release:
 import argparse
 import base64
 import copy
+import functools
 import http.client
 import importlib
 import io
@@ -346,15 +347,16 @@ class DigitRecorder:
     def __init__(self, classes):
         self.classes, self.steps = classes, []  # classes: [token ids] per digit 1..5; steps: (B, 5) per position
 
-    def __call__(self, input_ids, scores):
+    def __call__(self, input_ids, scores):  # on the device: no host sync per generated token
         p = scores.float().softmax(-1)
-        self.steps.append(torch.stack([p[:, ids].sum(-1) for ids in self.classes], -1).cpu())
+        self.steps.append(torch.stack([p[:, ids].sum(-1) for ids in self.classes], -1))
         return scores
 
     def digits(self, seqs):
         """Per generated row: [(digit, [p(1..5)])] at each position where it wrote a digit token, in order."""
         value = {i: k for k, ids in enumerate(self.classes, 1) for i in ids}
-        return [[(value[t], self.steps[pos][row].tolist()) for pos, t in enumerate(seqs[row].tolist()) if t in value]
+        probs = torch.stack(self.steps, 1).tolist()  # (B, T, 5), one copy to the host
+        return [[(value[t], probs[row][pos]) for pos, t in enumerate(seqs[row].tolist()) if t in value]
                 for row in range(seqs.shape[0])]
 
 
@@ -422,27 +424,27 @@ class Critic:
         gc.update(max_new_tokens=limit, do_sample=samples > 1, num_return_sequences=samples)
         if samples == 1:  # greedy: drop the checkpoint's sampling settings (Qwen3-VL ships temperature 0.7 etc.)
             gc.update(temperature=None, top_p=None, top_k=None)
-        recorder = DigitRecorder(self.digit_classes()) if soft else None
+        recorder = DigitRecorder(self.digit_classes) if soft else None
         seqs = self.model.generate(**batch, generation_config=gc, logits_processor=[recorder] if soft else None)
         seqs = seqs[:, batch["input_ids"].shape[1]:]  # (B * samples, <= limit)
         texts = self.tok.batch_decode(seqs, skip_special_tokens=True)
-        digits = recorder.digits(seqs) if soft else [None] * len(texts)
+        digits = recorder.digits(seqs) if soft else None
         eos = [e for e in (gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]) if e is not None]
         ended = torch.isin(seqs, torch.tensor(eos, device=seqs.device)).any(1).tolist()
         cut = [not e and seqs.shape[1] >= limit for e in ended]  # stopped by the limit, not by the critic
         # generate returns each item's samples next to each other
-        return [judge_answers(mode, texts[i:i + samples], cut[i:i + samples], limit, digits[i:i + samples] if soft else None)
+        return [judge_answers(mode, texts[i:i + samples], cut[i:i + samples], limit,
+                              None if digits is None else digits[i:i + samples])
                 for i in range(0, len(texts), samples)]
 
+    @functools.cached_property
     def digit_classes(self):
         """[ids of the tokens that spell k] for k = 1..5: "k", and " k" where the tokenizer has it as one token (the
         tiny world's does; Qwen's writes digits apart from spaces)."""
-        if "digits" not in self._slots:
-            forms = [[self.tok.encode(f + str(k), add_special_tokens=False) for k in range(1, 6)] for f in ("", " ")]
-            if any(len(ids) != 1 for ids in forms[0]):
-                raise ValueError("method 'soft' needs the digits 1-5 to be single tokens")
-            self._slots["digits"] = [[form[k][0] for form in forms if all(len(x) == 1 for x in form)] for k in range(5)]
-        return self._slots["digits"]
+        forms = [[self.tok.encode(f + str(k), add_special_tokens=False) for k in range(1, 6)] for f in ("", " ")]
+        if any(len(ids) != 1 for ids in forms[0]):
+            raise ValueError("method 'soft' needs the digits 1-5 to be single tokens")
+        return [[form[k][0] for form in forms if all(len(x) == 1 for x in form)] for k in range(5)]
 
     @torch.inference_mode()
     def chat(self, images, text, max_new_tokens=512):

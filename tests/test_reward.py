@@ -401,15 +401,15 @@ def test_digit_recorder_reads_each_generated_position_of_a_real_model(critic_bas
     the digits' softmax share after the prompt (a separate forward pass), and the greedy pass unchanged."""
     critic = Critic(critic_base, max_new_tokens=5, batch_size=2)
     batch = critic._inputs(reward.check_items("execution", edit_items(2)), [[it["source"], it["edited"]] for it in edit_items(2)])
-    rec = reward.DigitRecorder(critic.digit_classes())
+    rec = reward.DigitRecorder(critic.digit_classes)
     seqs = critic.model.generate(**batch, max_new_tokens=5, do_sample=False, logits_processor=[rec])
     plain = critic.model.generate(**batch, max_new_tokens=5, do_sample=False)
     assert torch.equal(seqs, plain) and len(rec.steps) == seqs.shape[1] - batch["input_ids"].shape[1] == 5
     p = critic.model(**batch).logits[:, -1].float().softmax(-1)
-    want = torch.stack([p[:, ids].sum(-1) for ids in critic.digit_classes()], -1)
+    want = torch.stack([p[:, ids].sum(-1) for ids in critic.digit_classes], -1)
     assert rec.steps[0].shape == (2, 5) and torch.allclose(rec.steps[0], want, atol=1e-5)
     gen = seqs[:, batch["input_ids"].shape[1]:]
-    digits = rec.digits(torch.tensor([[critic.digit_classes()[3][0]] + gen[0, 1:].tolist()]))  # a "4" written first
+    digits = rec.digits(torch.tensor([[critic.digit_classes[3][0]] + gen[0, 1:].tolist()]))  # a "4" written first
     assert digits[0][0] == (4, rec.steps[0][0].tolist())
 
 
