@@ -323,8 +323,13 @@ def test_train_reward_on_the_qwen3_vl_layout_saves_a_critic_that_reopens_in_bf16
     train_reward.main(train_reward.get_args(train_reward_args(qwen3vl, data, out, "--save-every", "0")))
     check_saved_critic(out)
     import reward  # and it scores as a critic
-    (j,) = reward.Critic(out, device=DEVICE, max_new_tokens=4).score("quality", [{"image": picture(1)}], method="expected")
+    critic = reward.Critic(out, device=DEVICE, max_new_tokens=4)
+    (j,) = critic.score("quality", [{"image": picture(1)}], method="expected")
     assert j.ok and all(1 <= s <= 5 for s in j.scores)
+    # "soft" in bf16 with Qwen's tokenizer: digits are tokens of their own, never merged with a space
+    assert critic.digit_classes == [[critic.tok.convert_tokens_to_ids(str(k))] for k in range(1, 6)]
+    (j,) = critic.score("quality", [{"image": picture(1)}], method="soft")  # 4 tokens of an untrained critic
+    assert (j.ok and j.how == "soft" and all(1 <= s <= 5 for s in j.scores)) or (not j.ok and j.error)
 
 
 def test_train_reward_under_torchrun_on_the_qwen3_vl_layout(qwen3vl, data, tmp_path):
