@@ -34,7 +34,7 @@ from PIL import Image
 from common import append_jsonl, read_jsonl, read_jsonl_resumable, replace_dir, sample_seed, write_json, write_jsonl
 from reward import IMAGE
 from toy.models import build_tiny_critic
-from toy.perception import match_ids, perceive
+from toy.perception import read_back
 from toy.rubrics import consistency_score, execution_score, instruction_score, simulate_editor, simulate_generator
 from toy.world import (COLORS, EDIT_OPS, SHAPES, Scene, apply_edit, cell_name, change_phrase, describe, gen_prompt,
                        instruction, random_edit, random_scene, render, request_summary, scene_changes)
@@ -281,8 +281,7 @@ def sample_policy(kind, policy, items, args):
     out = []
     for it, im in zip(items, images):
         src = Scene.from_dict(it["toy"]["scene"])
-        seen, degrade = perceive(im)
-        seen = match_ids(seen, src, *([apply_edit(src, it["toy"]["edit"])] if kind == "edit" else []))
+        seen, degrade = read_back(im, src, it["toy"]["edit"] if kind == "edit" else None)
         toy = dict(it["toy"], out_scene=seen.to_dict(), **{"generator" if kind == "gen" else "editor": "policy"}, degrade=degrade)
         out.append((dict(it, toy=toy, origin="policy"), seen, im))
     return out

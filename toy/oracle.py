@@ -18,12 +18,11 @@ import random
 
 from reward import EDIT_MODES, GEN_MODES, N_SCORES, Judgement, parse_score
 from toy.judges import ground_truth
-from toy.perception import match_ids, perceive
+from toy.perception import read_back
 
 from toy.rubrics import (consistency_score, execution_score, instruction_score, quality_scores, requested_kinds,
                          unintended_changes)
-from toy.world import (Scene, apply_edit, change_phrase, check_items, checklist, describe, request_summary, revert,
-                       scene_changes)
+from toy.world import Scene, change_phrase, check_items, checklist, describe, request_summary, revert, scene_changes
 
 # -----------------------------------------------------------------------------
 # the oracle judge: the texts of the paper's curation pipelines
@@ -177,9 +176,8 @@ class OracleCritic:
             fields = ("scene",) + (() if self.see else ("out_scene",)) + (("edit",) if kind == "edit" else ())
             truth = ground_truth(item.get("record"), fields)
             if self.see:  # the image read back, its objects paired with the prompt's (and the edit's target's)
-                src = Scene.from_dict(truth["scene"])
-                seen, degrade = perceive(item["edited" if kind == "edit" else "image"])
-                seen = match_ids(seen, src, *([apply_edit(src, truth["edit"])] if kind == "edit" else []))
+                seen, degrade = read_back(item["edited" if kind == "edit" else "image"], Scene.from_dict(truth["scene"]),
+                                          truth["edit"] if kind == "edit" else None)
                 truth = dict(truth, out_scene=seen.to_dict(), degrade=degrade)
             text = answers(self.judge, kind, item["record"]["id"], truth)[1][mode]
             parsed = parse_score(text, N_SCORES[mode], mode)

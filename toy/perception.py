@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 
 from toy.judges import object_mask
 from toy.world import (BACKGROUNDS, BLUR_RADIUS, CELL_CENTRES, COLORS, NOISE_SIGMA, NUDGE, SHAPES, SIZES, TINT,
-                       WASH_CONTRAST, Obj, Scene, render)
+                       WASH_CONTRAST, Obj, Scene, apply_edit, render)
 
 OBJECT_RGB = np.array([[v * (TINT if tint else 1) for v in rgb] for rgb in COLORS.values() for tint in (0, 1)])  # (12, 3)
 PALETTE = np.concatenate([OBJECT_RGB, np.array(list(BACKGROUNDS.values()), dtype=np.float64)])  # (16, 3)
@@ -84,6 +84,13 @@ def perceive(img):
         blur = max(blur, min(4, int(rms / ARTEFACT)))
     degrade = {k: v for k, v in (("noise", noise), ("blur", blur), ("washed", washed)) if v}
     return scene, degrade or None
+
+
+def read_back(img, scene, edit=None):
+    """(Scene, degrade) of `img` as the teacher reads a sample made for `scene` (and `edit`): perceive, then each
+    object given the id of the prompt's object it is (or of the edit's target scene's), match_ids."""
+    seen, degrade = perceive(img)
+    return match_ids(seen, scene, *([apply_edit(scene, edit)] if edit is not None else [])), degrade
 
 
 def read_scene(img):
