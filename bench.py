@@ -459,24 +459,27 @@ def run_critics(args):
 
 
 def policy_judge(spec, kind, device, max_new_tokens=None):
-    """-> judge(records, images, sources) -> [(score in [0, 1] or None: an answer that did not parse, {part: [0, 1]})]
-    with the paper's fusion: QMA for gen (the score alone), CME for edit (parts execution and consistency, (s-1)/4).
-    Each item carries its prompt record ("record"): a judge that knows the answer (a world's) reads it there.
-    The same for a critic whose rewards are compared with the judge's (--critic)."""
+    """-> judge(records, images, sources) -> policy_scores of the critic `spec` names. Each item carries its prompt
+    record ("record"): a judge that knows the answer (a world's) reads it there. The same for a critic whose rewards
+    are compared with the judge's (--critic)."""
     critic = reward.open_critic(spec, device=device, max_new_tokens=max_new_tokens)
+    return lambda recs, ims, sources: policy_scores(critic, kind, recs, ims, sources)
 
-    def judge(recs, ims, sources):
-        if kind == "gen":
-            items = [{"image": im, "prompt": r["prompt"], "requirement": r.get("requirement"), "record": r}
-                     for r, im in zip(recs, ims)]
-            return [(s, {}) for s in reward.gen_rewards(critic, items, fusion="qma")[0]]
-        items = [{"source": src, "edited": im, "instruction": r["prompt"], "requirement": r.get("requirement"),
-                  "record": r} for r, im, src in zip(recs, ims, sources)]
-        per_mode = {m: critic.score(m, items) for m in ("execution", "consistency")}  # edit_rewards' calls, parts kept
-        parts = [{m: reward.normalize_score(js[i].scores[0]) for m, js in per_mode.items() if js[i].ok}
-                 for i in range(len(items))]
-        return list(zip(reward.fuse_judgements(per_mode, "cme")[0], parts))
-    return judge
+
+def policy_scores(critic, kind, recs, ims, sources, method="generate", samples=1):
+    """[(score in [0, 1] or None: an answer that did not parse, {part: [0, 1]})] per sample, with the paper's fusion:
+    QMA for gen (the score alone), CME for edit (parts execution and consistency, (s-1)/4)."""
+    if kind == "gen":
+        items = [{"image": im, "prompt": r["prompt"], "requirement": r.get("requirement"), "record": r}
+                 for r, im in zip(recs, ims)]
+        return [(s, {}) for s in reward.gen_rewards(critic, items, fusion="qma", method=method, samples=samples)[0]]
+    items = [{"source": src, "edited": im, "instruction": r["prompt"], "requirement": r.get("requirement"),
+              "record": r} for r, im, src in zip(recs, ims, sources)]
+    per_mode = {m: critic.score(m, items, method=method, samples=samples)  # edit_rewards' calls, parts kept
+                for m in ("execution", "consistency")}
+    parts = [{m: reward.normalize_score(js[i].scores[0]) for m, js in per_mode.items() if js[i].ok}
+             for i in range(len(items))]
+    return list(zip(reward.fuse_judgements(per_mode, "cme")[0], parts))
 
 
 def score_files(out, variant):

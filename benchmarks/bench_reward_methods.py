@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 import reward  # noqa: E402
-from bench import read_parts, score_files, within_prompt_ranking  # noqa: E402
+from bench import policy_scores, read_parts, score_files, within_prompt_ranking  # noqa: E402
 from common import load_image, read_manifest  # noqa: E402
 
 
@@ -76,15 +76,9 @@ def main(args):
         torch.manual_seed(args.seed)
         for s in range(0, len(rows), 64):
             chunk, ims = rows[s:s + 64], [load_image(p) for p in paths[s:s + 64]]
-            if kind == "gen":
-                items = [{"image": im, "prompt": recs[r["id"]]["prompt"], "requirement": recs[r["id"]].get("requirement")}
-                         for r, im in zip(chunk, ims)]
-                rewards = reward.gen_rewards(critic, items, fusion="qma", method=method, samples=samples)[0]
-            else:
-                items = [{"source": load_image(recs[r["id"]]["image"], base_dir), "edited": im,
-                          "instruction": recs[r["id"]]["prompt"], "requirement": recs[r["id"]].get("requirement")}
-                         for r, im in zip(chunk, ims)]
-                rewards = reward.edit_rewards(critic, items, fusion="cme", method=method, samples=samples)[0]
+            rs = [recs[r["id"]] for r in chunk]
+            sources = [load_image(r["image"], base_dir) for r in rs] if kind == "edit" else None
+            rewards = [x for x, _ in policy_scores(critic, kind, rs, ims, sources, method, samples)]
             for r, x in zip(chunk, rewards):
                 failed += x is None
                 if x is not None:
