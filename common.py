@@ -33,8 +33,8 @@ def setup_dist(threads=0):
     """Join torchrun's process group, or make a world of one. Returns (rank, world, device). threads: torch's CPU
     threads per rank (0 = torch's default).
 
-    Without torchrun we still create a (single-process) group so that FSDP2 and the
-    collectives run exactly as they do on many GPUs: the tested path is the real path.
+    Without torchrun we still create a (single-process) group so that the collectives and the state-dict
+    gathers run exactly as they do on many GPUs (fsdp_shard leaves one CPU process unsharded).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -141,8 +141,15 @@ def mixed_precision(device):
 
 def fsdp_shard(root, blocks, device, mesh=None, mp=True):
     """FSDP2 as the PyTorch examples do it: fully_shard each block (its parameters are gathered only while it runs),
-    then the root (what is left: embeddings, heads). mp=False for frozen modules that already hold their dtype."""
+    then the root (what is left: embeddings, heads). mp=False for frozen modules that already hold their dtype.
+
+    One process on the CPU has nothing to shard and no mixed precision to apply (mixed_precision: plain fp32), so
+    there the module is left as it is, the single-process fallback: FSDP2's hooks would only cost time (a tiny
+    critic's training step takes 1.28x as long under them, benchmarks/bench_fsdp_one_process.py). The sharded path
+    runs under torchrun, in the 2-process tests too; on one GPU it still runs, for its bf16 compute."""
     from torch.distributed.fsdp import fully_shard
+    if device.type == "cpu" and (mesh.size() if mesh is not None else dist.get_world_size()) == 1:
+        return root
     kw = {"mesh": mesh} | ({"mp_policy": mixed_precision(device)} if mp else {})
     for block in blocks:
         fully_shard(block, **kw)

@@ -38,7 +38,7 @@ def test_parameters_on_meta_cost_nothing_and_keep_buffers_and_ties():
 
 SCRIPT = r"""
 import torch, torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule
 import common
 rank, world, device = common.setup_dist()
 torch.manual_seed(0)
@@ -47,9 +47,8 @@ model = common.load_on_rank0(build, build, rank)  # rank 0: real weights; rank 1
 if rank == 1:
     assert all(p.is_meta for p in model.parameters())
 full = common.full_state_of(model, rank)
-for layer in model:
-    fully_shard(layer)
-fully_shard(model)
+common.fsdp_shard(model, list(model), device)
+assert isinstance(model, FSDPModule) and all(isinstance(layer, FSDPModule) for layer in model)  # 2 ranks: sharded
 common.fill_from_rank0(model, full, device)
 out = model(torch.ones(1, 4))
 torch.manual_seed(0)
@@ -65,3 +64,13 @@ def test_only_rank_0_reads_the_weights_and_every_rank_gets_its_shards(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(tmp_path / "load.py")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.count("ok") == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_one_cpu_process_is_left_unsharded():
+    # nothing to shard and fp32 on the CPU: FSDP2's hooks would only slow each step (benchmarks/bench_fsdp_one_process.py)
+    from torch.distributed.fsdp import FSDPModule
+    rank, world, device = common.setup_dist()
+    assert world == 1 and device.type == "cpu"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert common.fsdp_shard(model, list(model), device) is model
+    assert not any(isinstance(m, FSDPModule) for m in model.modules())
