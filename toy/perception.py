@@ -93,11 +93,6 @@ def read_back(img, scene, edit=None):
     return match_ids(seen, scene, *([apply_edit(scene, edit)] if edit is not None else [])), degrade
 
 
-def read_scene(img):
-    """The scene an MLLM teacher would read from `img` (a PIL image of the world)."""
-    return perceive(img)[0]
-
-
 def regions(cls):
     """Regions of one class >= 0 of an (H, W) int array, as (N, 2) arrays of (y, x): 4-connected once each class is
     grown by a pixel, so that the fragments of one blurry blob, up to 2 pixels apart, are one region."""
