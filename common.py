@@ -436,16 +436,17 @@ def mean_or_none(values):
     return sum(ok) / len(ok) if ok else None
 
 
-def add_rl_args(ap, reward="qma", fusions=("qma", "instruction"), rollout_steps=10, eval_steps=40, prompts_per_step=48,
+def add_rl_args(ap, methods, reward="qma", fusions=("qma", "instruction"), rollout_steps=10, eval_steps=40, prompts_per_step=48,
                 group_size=16, steps=600, lr=3e-4, eval_every=50, save_every=50):
     """The flags rl_gen.py and rl_edit.py share: one vocabulary, one meaning; each script passes its release's defaults
-    (rl_gen: SD3.5-M, DiffusionNFT; rl_edit: FIRM-Reward's editing config)."""
+    (rl_gen: SD3.5-M, DiffusionNFT; rl_edit: FIRM-Reward's editing config). methods: reward.METHODS (common.py
+    cannot import reward.py, which imports it)."""
     # reward
     ap.add_argument("--reward", default=reward, choices=fusions, help="fusion of the critic's scores (reward.py)")
     ap.add_argument("--reward-model", default=None, help="the critic (reward.open_critic): a model directory scored in "
                     "process, an OpenAI-compatible endpoint http://host:port/v1[#served name] (key from "
                     "$FIRM_CRITIC_API_KEY), or a Python factory module:name")
-    ap.add_argument("--reward-method", default="generate", choices=("generate", "soft", "expected"),
+    ap.add_argument("--reward-method", default=methods[0], choices=methods,
                     help="greedy answer then parse (paper); 'soft': the same answer, each score its expectation under "
                     "the digit probabilities where the critic wrote it; 'expected': digit probabilities, reasoning skipped")
     ap.add_argument("--reward-batch", type=int, default=16, help="items per critic forward")

@@ -57,6 +57,7 @@ from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights,
                     parse_with_preset, pil_to_tensor, print0, rank_batches, read_manifest, RLRun, run_stage,
                     sample_seed, save_diffusers_model, save_lora_files, seed_everything, setup_dist, step_prompts,
                     tensor_to_pil, use_weights, write_json)
+from reward import METHODS, open_critic, rl_rewards
 from rl_gen import nft_step, noise_levels, ode_sample, optimality_targets, training_points
 
 # -----------------------------------------------------------------------------
@@ -86,7 +87,7 @@ def get_args(argv=None):
     ap.add_argument("--resolution", type=int, default=None, help="working resolution, px per side of a square "
                     "(default 512, or the tiny editor's own)")
     # release (editing/config): 6 rollout / 15 evaluation steps, 24 groups of 12, lr 1.5e-3, 150 steps (paper)
-    add_rl_args(ap, reward="cme", fusions=("cme", "sum55", "sum64"), rollout_steps=6, eval_steps=15, prompts_per_step=24,
+    add_rl_args(ap, METHODS, reward="cme", fusions=("cme", "sum55", "sum64"), rollout_steps=6, eval_steps=15, prompts_per_step=24,
                 group_size=12, steps=150, lr=1.5e-3, eval_every=25, save_every=25)
     ap.set_defaults(gradient_checkpointing=True)  # release: on; a 20B editor needs it on 80 GB
     return parse_with_preset(ap, PRESETS, argv, required=("model", "prompts", "reward_model"))
@@ -421,7 +422,6 @@ class Sources:
 def score(critic, fusion, recs, sources, edited, method="generate"):
     """Step 2: the critic's execution and consistency of each edit fused into a reward in [0, 1]; None where an answer
     gave no score (that edit is dropped from its group)."""
-    from reward import rl_rewards
     items = [{"source": s, "edited": e, "instruction": r["prompt"], "requirement": r.get("requirement"), "record": r}
              for r, s, e in zip(recs, sources, edited)]
     return rl_rewards("edit", critic, items, fusion, method)
@@ -438,7 +438,7 @@ def main(args):
     out = Path(args.out)
     train = load_prompts(args.prompts)
     test = load_prompts(args.test_prompts)[:args.eval_prompts] if args.test_prompts and args.eval_every else []
-    from reward import open_critic  # the critics before the policy: a wrong path or URL fails in seconds
+    # the critics before the policy: a wrong path or URL fails in seconds
     critic = open_critic(args.reward_model, device=device, max_new_tokens=args.reward_max_new_tokens, batch_size=args.reward_batch)
     judge = open_critic(args.eval_judge, device=device, batch_size=args.reward_batch) if args.eval_judge and test else None
 

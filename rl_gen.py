@@ -43,6 +43,7 @@ from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights,
                     full_weights, noise_like, parse_with_preset, print0, rank_batches, read_manifest, RLRun,
                     run_stage, sample_seed, save_diffusers_model, save_lora_files, setup_dist, step_prompts,
                     tensor_to_pil, use_weights, write_json)
+from reward import METHODS, open_critic, rl_rewards
 
 # -----------------------------------------------------------------------------
 # CLI: the defaults are the paper's / release's settings; a preset swaps in a small setting (explicit flags win).
@@ -72,7 +73,7 @@ def get_args(argv=None):
     ap.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens (release: 128)")
     ap.add_argument("--reward-image-size", type=int, default=0, help="resize images to this side (px) for the critic "
                     "(0 = as generated)")
-    add_rl_args(ap)  # the flags rl_edit.py shares, with the same names (common.add_rl_args)
+    add_rl_args(ap, METHODS)  # the flags rl_edit.py shares, with the same names (common.add_rl_args)
     return parse_with_preset(ap, PRESETS, argv, required=("model", "prompts", "reward_model"))
 
 
@@ -467,7 +468,6 @@ def score(critic, fusion, recs, images, method="generate", size=0):
     """Step 2: the critic's fused reward of each image, in [0, 1]; None where an answer gave no score (that sample
     is dropped from its group: deviation 2)."""
     from PIL import Image
-    from reward import rl_rewards
     items = [{"image": im.resize((size, size), Image.BICUBIC) if size else im, "prompt": r["prompt"],
               "requirement": r.get("requirement"), "record": r} for im, r in zip(images, recs)]
     return rl_rewards("gen", critic, items, fusion, method)
@@ -483,7 +483,7 @@ def main(args):
     out = Path(args.out)
     train = load_prompts(args.prompts)
     test = load_prompts(args.test_prompts)[:args.eval_prompts] if args.test_prompts and args.eval_every else []
-    from reward import open_critic  # the critics before the policy: a wrong path or URL fails in seconds
+    # the critics before the policy: a wrong path or URL fails in seconds
     critic = open_critic(args.reward_model, device=device, batch_size=args.reward_batch, max_new_tokens=args.reward_max_new_tokens)
     judge = open_critic(args.eval_judge, device=device, batch_size=args.reward_batch) if args.eval_judge and test else None
 
