@@ -52,12 +52,13 @@ from reward import METHODS, open_critic, rl_rewards
 PRESETS = {
     # The miniature world on one CPU core (MINIATURE_NOTES): the tiny SD3 (python -m toy pretrain-gen) and the
     # tiny gen critic; 4 prompts x 8 samples per step, 2 of the 10 noise levels trained per sample, LoRA lr 1e-3.
-    # 20 steps, stopped early: in three main jobs of 60 steps with the gen critic the held-out judge peaked at step
-    # 20 and then fell while the critic's reward kept rising (the critic is hacked; NOTES.md).
+    # 60 steps with the KL to the base at weight 1 (the release: 1e-4, inert here): unanchored, the tiny gen critic
+    # is hacked (its held-out reward rises while the judge falls), and of the counters measured in three worlds only
+    # the anchor gained with its whole CI above 0 in all three (NOTES.md, "A KL anchor to the base").
     "mini": dict(model="runs/mini/models/gen-base", prompts="runs/mini/data/rl/gen_train.jsonl",
                  test_prompts="runs/mini/data/rl/gen_test.jsonl", reward_model="runs/mini/models/gen-critic",
-                 eval_judge="toy.judges:pixel", reward_image_size=64, out="runs/mini/rl_gen", resolution=0, steps=20,
-                 prompts_per_step=4, group_size=8, timestep_fraction=0.2, lr=1e-3, micro_batch=32, eval_every=5,
+                 eval_judge="toy.judges:pixel", reward_image_size=64, out="runs/mini/rl_gen", resolution=0, steps=60,
+                 prompts_per_step=4, group_size=8, timestep_fraction=0.2, lr=1e-3, kl_weight=1.0, micro_batch=32, eval_every=20,
                  eval_steps=10, save_every=10, eval_prompts=32, reward_max_new_tokens=256, threads=1),
 }
 
