@@ -501,6 +501,13 @@ def parse_with_preset(ap, presets, argv=None, required=()):
     return args
 
 
+def preset_line(args, presets):
+    """"preset NAME: k=v, ..." with the values in effect: a flag given beside --preset shows as k=v (preset: p), so a
+    log never names the preset's output directory for a run that wrote elsewhere."""
+    shown = (f"{k}={getattr(args, k)}" + ("" if getattr(args, k) == v else f" (preset: {v})") for k, v in presets[args.preset].items())
+    return f"preset {args.preset}: " + ", ".join(shown)
+
+
 @torch.no_grad()
 def evaluate_rl(draw, scorers, keys, step, out, grid_rows, micro_batch, rank, world, device):
     """Held-out evaluation of the weights now in the model, spread over the ranks like a rollout.

@@ -46,8 +46,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import (DataError, append_jsonl, load_image, parse_with_preset, read_jsonl, read_jsonl_resumable, read_manifest,
-                    run_stage, write_json, write_jsonl)
+from common import (DataError, append_jsonl, load_image, parse_with_preset, preset_line, read_jsonl, read_jsonl_resumable,
+                    read_manifest, run_stage, write_json, write_jsonl)
 from reward import EDIT_MODES, GEN_MODES, N_SCORES, build_prompt, is_factory, load_factory, open_critic, parse_score
 
 # -----------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def main(args):
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "curate_args.json", vars(args))
     if args.preset:
-        print(f"preset {args.preset}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[args.preset].items()))
+        print(preset_line(args, PRESETS))
 
     # Every candidate checked first; images stay where the candidate manifest points (paths relative to it)
     paths = {kind: Path(p) for kind, p in (("edit", args.edit_candidates), ("gen", args.gen_candidates)) if p}

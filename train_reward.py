@@ -46,9 +46,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, every, fill_from_rank0, find_checkpoint,
                     fsdp_shard, full_state_of, hf_config_dtype, keep_rows_through, load_hf_checkpoint, load_image,
-                    load_on_rank0, local_param_bytes, parse_with_preset, plot_curves, print0, read_jsonl_resumable,
-                    read_manifest, run_stage, save_hf_checkpoint, save_hf_model, seed_everything, setup_dist, write_json,
-                    write_jsonl)
+                    load_on_rank0, local_param_bytes, parse_with_preset, plot_curves, preset_line, print0,
+                    read_jsonl_resumable, read_manifest, run_stage, save_hf_checkpoint, save_hf_model, seed_everything,
+                    setup_dist, write_json, write_jsonl)
 from reward import IMAGE, N_SCORES, content_parts, parse_score
 
 # Qwen3-VL returns its per-image features as views; FSDP2 warns in case they are modified in place. We read only .logits.
@@ -372,6 +372,7 @@ def main(args):
         torch.set_num_threads(args.threads)
     rank, world, device = setup_dist()
     seed_everything(args.seed)
+    said = preset_line(args, PRESETS) if args.preset else None  # the flags as given, before any is derived below
     out, t_start = Path(args.out), time.time()
     ckpt = out / "checkpoint"  # the latest checkpoint, while training
 
@@ -410,8 +411,8 @@ def main(args):
             (out / "metrics.jsonl").unlink(missing_ok=True)
 
     # Say what will happen, once
-    if args.preset:
-        print0(f"preset {args.preset}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[args.preset].items()))
+    if said:
+        print0(said)
     print0(f"model {args.model}: {n_params / 1e6:.2f} M params; parameters per rank {local_param_bytes(model) / 2**20:.2f} MiB "
            f"of {full_bytes / 2**20:.2f} MiB (world {world}, device {device})")
     print0(f"train {len(train_records)} records ({args.train_file}), val {len(val_records)}; {total} steps of "

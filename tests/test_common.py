@@ -1,5 +1,7 @@
-"""common.py: the process group's backends, intervals where 0 means never, and rank-0 loading into shards."""
+"""common.py: the process group's backends, intervals where 0 means never, rank-0 loading into shards, and the preset
+line a stage logs."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -74,3 +76,12 @@ def test_one_cpu_process_is_left_unsharded():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     assert common.fsdp_shard(model, list(model), device) is model
     assert not any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def test_the_preset_line_shows_the_values_in_effect_and_marks_a_flag_that_overrode_one():
+    presets = {"mini": {"out": "runs/mini/x", "epochs": 4.0}}
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--epochs", type=float)
+    args = common.parse_with_preset(ap, presets, ["--preset", "mini", "--out", "elsewhere"])
+    assert common.preset_line(args, presets) == "preset mini: out=elsewhere (preset: runs/mini/x), epochs=4.0"
