@@ -504,8 +504,10 @@ def parse_with_preset(ap, presets, argv=None, required=()):
 def preset_line(args, presets):
     """"preset NAME: k=v, ..." with the values in effect: a flag given beside --preset shows as k=v (preset: p), so a
     log never names the preset's output directory for a run that wrote elsewhere."""
-    shown = (f"{k}={getattr(args, k)}" + ("" if getattr(args, k) == v else f" (preset: {v})") for k, v in presets[args.preset].items())
-    return f"preset {args.preset}: " + ", ".join(shown)
+    def shown(k, v):
+        now = getattr(args, k)
+        return f"{k}={now}" if now == v else f"{k}={now} (preset: {v})"
+    return f"preset {args.preset}: " + ", ".join(shown(k, v) for k, v in presets[args.preset].items())
 
 
 @torch.no_grad()
