@@ -10,6 +10,8 @@ from PIL import Image
 
 import toy
 import toy.data
+import toy.oracle
+import toy.world
 from common import load_image, read_jsonl
 from reward import parse_score
 from toy import Obj, Scene
@@ -217,6 +219,25 @@ def test_the_execution_reasoning_determines_the_score():
         reasoning = json.loads(text)["reasoning"]  # from the change list on: the descriptions before it add detail
         reasoning = reasoning[reasoning.index("Changes: "):].rsplit(" Execution ", 1)[0]
         assert seen.setdefault(reasoning, score) == score, reasoning
+
+
+def test_the_gen_analysis_shows_what_was_seen_beside_each_verdict():
+    """The gen analysis restates the prompt and describes the image, then gives each checklist item what was seen for
+    it and the verdict: a critic can learn the verdict as a comparison of two neighbouring values only if "yes" means
+    exactly that the value seen is the value the prompt asks for."""
+    rng, judge = random.Random(5), toy.OracleJudge(noise=0.0)
+    verdicts = set()
+    for i in range(300):
+        want = toy.random_scene(rng)
+        got, deg = toy.simulate_generator(rng, want, rng.choice(toy.GENERATORS))
+        lines = judge.judge_gen(str(i), want, got, deg)["instruction"][0].split("\n")
+        assert lines[:2] == [f"Asked: {toy.describe(want)}.", f"Seen: {toy.describe(got)}."]
+        for line, (item, kind, oid, ok) in zip(lines[2:], toy.world.check_items(want, got)):
+            seen_value, verdict = line.split(": ", 1)[1].rsplit(", ", 1)
+            asked = toy.oracle.seen_for_item(kind, want, oid)
+            assert verdict == ("yes" if ok else "no") and ok == (seen_value == asked), (line, asked)
+            verdicts.add((kind, verdict))
+    assert len(verdicts) == 8  # every kind of item, each both satisfied and not
 
 
 def test_the_two_descriptions_determine_the_change_list():
