@@ -10,7 +10,6 @@ from PIL import Image
 
 import toy
 import toy.data
-import toy.oracle
 import toy.world
 from common import load_image, read_jsonl
 from reward import parse_score
@@ -233,8 +232,10 @@ def test_the_gen_analysis_shows_what_was_seen_beside_each_verdict():
         lines = judge.judge_gen(str(i), want, got, deg)["instruction"][0].split("\n")
         assert lines[:2] == [f"Asked: {toy.describe(want)}.", f"Seen: {toy.describe(got)}."]
         for line, (item, kind, oid, ok) in zip(lines[2:], toy.world.check_items(want, got)):
+            assert line.split(": ", 1)[0].endswith(item)  # "1. a green circle"
             seen_value, verdict = line.split(": ", 1)[1].rsplit(", ", 1)
-            asked = toy.oracle.seen_for_item(kind, want, oid)
+            asked = toy.world.item_value(want, kind, oid)
+            assert seen_value == toy.world.item_value(got, kind, oid)
             assert verdict == ("yes" if ok else "no") and ok == (seen_value == asked), (line, asked)
             verdicts.add((kind, verdict))
     assert len(verdicts) == 8  # every kind of item, each both satisfied and not

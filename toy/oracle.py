@@ -22,7 +22,7 @@ from toy.perception import read_back
 
 from toy.rubrics import (consistency_score, execution_score, instruction_score, quality_scores, requested_kinds,
                          unintended_changes)
-from toy.world import (Scene, cell_name, change_phrase, check_items, checklist, describe, request_summary, revert,
+from toy.world import (Scene, change_phrase, check_items, checklist, describe, item_value, request_summary, revert,
                        scene_changes)
 
 # -----------------------------------------------------------------------------
@@ -132,7 +132,7 @@ class OracleJudge:
         # neighbouring values
         lines = [f"Asked: {describe(want)}.", f"Seen: {describe(seen)}."]
         for i, (text, kind, oid, ok) in enumerate(check_items(want, seen), 1):
-            lines.append(f"{i}. {text}: {seen_for_item(kind, seen, oid)}, {'yes' if ok else 'no'}")
+            lines.append(f"{i}. {text}: {item_value(seen, kind, oid)}, {'yes' if ok else 'no'}")
         extras = [o.name for o in seen.objects if want.get(o.id) is None]
         if extras:
             lines.append("Unrequested: " + ", ".join(extras) + ".")
@@ -141,17 +141,6 @@ class OracleJudge:
         words = {5: "clean", 4: "slight", 3: "visible", 2: "strong", 1: "severe"}
         q_reason = f"Aesthetics {words[q[0]]}, noise {words[q[1]]}, blur {words[q[2]]}."
         return {"instruction": ("\n".join(lines), score), "quality": (answer_json(q_reason, q), q)}
-
-
-def seen_for_item(kind, seen, oid):
-    """What `seen` shows for one checklist item (world.checklist's kinds): the object's colour and shape, its size,
-    its cell, or the background; "none" for an object not there."""
-    if kind == "detail-background":
-        return seen.background
-    o = seen.get(oid)
-    if o is None:
-        return "none"
-    return {"main": f"{o.color} {o.shape}", "detail-size": o.size, "detail-position": cell_name(o.col, o.row)}[kind]
 
 
 def answer_json(reasoning, score):

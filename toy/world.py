@@ -348,21 +348,20 @@ def checklist(scene):
     return items
 
 
+def item_value(scene, kind, oid):
+    """What `scene` shows for one checklist item: the object's colour and shape, its size, its cell, or the background;
+    "none" for an object it lacks. An item of the prompt's scene is satisfied when the image's value is the prompt's."""
+    if kind == "detail-background":
+        return scene.background
+    o = scene.get(oid)
+    if o is None:
+        return "none"
+    return {"main": o.name, "detail-size": o.size, "detail-position": cell_name(o.col, o.row)}[kind]
+
+
 def check_items(want, got):
-    """For every checklist item of `want`: is it satisfied by scene `got`? Objects matched by id."""
-    results = []
-    for text, kind, oid in checklist(want):
-        w, g = want.get(oid), got.get(oid)
-        if kind == "main":
-            ok = g is not None and g.shape == w.shape and g.color == w.color
-        elif kind == "detail-size":
-            ok = g is not None and g.size == w.size
-        elif kind == "detail-position":
-            ok = g is not None and (g.col, g.row) == (w.col, w.row)
-        else:
-            ok = got.background == want.background
-        results.append((text, kind, oid, ok))
-    return results
+    """For every checklist item of `want`: (text, kind, object id, is it satisfied by scene `got`)? Objects by id."""
+    return [(text, kind, oid, item_value(got, kind, oid) == item_value(want, kind, oid)) for text, kind, oid in checklist(want)]
 
 
 
