@@ -360,8 +360,10 @@ def item_value(scene, kind, oid):
 
 
 def check_items(want, got):
-    """For every checklist item of `want`: (text, kind, object id, is it satisfied by scene `got`)? Objects by id."""
-    return [(text, kind, oid, item_value(got, kind, oid) == item_value(want, kind, oid)) for text, kind, oid in checklist(want)]
+    """(text, kind, object id, satisfied) for every checklist item of `want`: satisfied when scene `got` shows the
+    item's value (item_value), objects matched by id."""
+    return [(text, kind, oid, item_value(got, kind, oid) == item_value(want, kind, oid))
+            for text, kind, oid in checklist(want)]
 
 
 
