@@ -53,23 +53,24 @@ wait_for() {
 }
 
 # Two lanes, one per core, each running its steps in order; a step waits only for the files it reads (wait_for),
-# so neither core idles at a stage boundary. Every step's start and end go to $R/logs/times.tsv (the report's table).
+# so neither core idles at a stage boundary; the pixel-reward gen RL (no critic to wait for) sits in lane A to even the
+# lanes' lengths. Every step's start and end go to $R/logs/times.tsv (the report's table).
 critic() { echo "step $1 $R/models/$1/train_reward.json python train_reward.py --preset $2 --resume $S"; }
 rl() { echo "step $1 $R/$1/pytorch_lora_weights.safetensors python $2.py --preset mini --out $R/$1 --resume $S ${*:3}"; }
-stage "1/2 lane A: world -> curate -> critic base -> the seeing stage -> edit critic -> RL edit (CME, 0.5/0.5 sum) | " \
-      "lane B: pre-train the tiny generator and editor -> gen critic (+ direct-judged) -> RL gen (QMA, direct-judged critic, exact pixel reward) -> bench critics"
+stage "1/2 lane A: world -> curate -> critic base -> the seeing stage -> edit critic -> RL edit (CME, 0.5/0.5 sum) -> RL gen (exact pixel reward) | " \
+      "lane B: pre-train the tiny generator and editor -> gen critic (+ direct-judged) -> RL gen (QMA, direct-judged critic) -> bench critics"
 side_by_side \
   lane-a "step world $R/data/world.json python -m toy world --out $R/data $S \
        && step curate $R/data/summary.json python curate.py --preset mini $S \
        && step critic-base $R/models/critic-base/config.json python -m toy critic-base --data $R/data --out $R/models/critic-base $S \
        && $(critic vlm-base mini-vlm) && $(critic edit-critic mini-edit) && $(rl rl_edit_cme rl_edit) \
-       && $(rl rl_edit_sum55 rl_edit --reward sum55)" \
+       && $(rl rl_edit_sum55 rl_edit --reward sum55) \
+       && wait_for $R/models/gen-base/model_index.json && $(rl rl_gen_pixel rl_gen --reward-model toy.judges:pixel --reward-image-size 0)" \
   lane-b "step pretrain-gen $R/models/gen-base/model_index.json python -m toy pretrain-gen $S \
        && step pretrain-edit $R/models/edit-base/model_index.json python -m toy pretrain-edit $S \
        && wait_for $R/models/vlm-base/train_reward.json && $(critic gen-critic mini-gen) \
        && $(critic gen-critic-direct mini-gen-direct) && $(rl rl_gen rl_gen) \
        && $(rl rl_gen_direct rl_gen --reward-model $R/models/gen-critic-direct) \
-       && $(rl rl_gen_pixel rl_gen --reward-model toy.judges:pixel --reward-image-size 0) \
        && wait_for $R/models/edit-critic/train_reward.json && step bench-critics - python bench.py critics --preset mini"
 
 stage "2/2 evaluate the policies with the independent pixel judge, write the report"
