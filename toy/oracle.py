@@ -131,16 +131,11 @@ class OracleJudge:
         # (as the edit answers describe both images first, judge_edit), and each verdict then compares two
         # neighbouring values
         lines = [f"Asked: {describe(want)}.", f"Seen: {describe(seen)}."]
-        items = check_items(want, seen)
-        for i, (text, kind, oid, ok) in enumerate(items, 1):
+        for i, (text, kind, oid, ok) in enumerate(check_items(want, seen), 1):
             lines.append(f"{i}. {text}: {item_value(seen, kind, oid)}, {'yes' if ok else 'no'}")
         extras = [o.name for o in seen.objects if want.get(o.id) is None]
         if extras:
             lines.append("Unrequested: " + ", ".join(extras) + ".")
-        # the count the rubric scores from (instruction_score), so the score follows the analysis's own verdicts
-        main_no = sum(1 for _, kind, _, ok in items if kind == "main" and not ok)
-        other_no = sum(1 for _, kind, _, ok in items if kind != "main" and not ok) + len(extras)
-        lines.append(f"Unmet: {main_no} of {len(want.objects)} main, {other_no} other.")
         lines.append(f"Overall: {GEN_VERDICT[score]}. \\boxed{{{score}}}")
         q = [self._jitter(rng, s) for s in quality_scores(degrade)]
         words = {5: "clean", 4: "slight", 3: "visible", 2: "strong", 1: "severe"}
