@@ -201,9 +201,11 @@ def test_the_tiny_generators_tokenizer_is_the_same_in_every_process():
     import sys
     code = "import json, toy.models as m; print(json.dumps(m._clip_tokenizer(m.world_prompts(300))[1], sort_keys=True))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(toy.__file__)))
-    outs = [subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                           text=True, check=True).stdout for _ in range(3)]
-    assert outs[0] == outs[1] == outs[2]
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]  # side by side: each one's time is mostly imports
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert outs[0][0] == outs[1][0] == outs[2][0] != ""
 
 
 def test_the_execution_reasoning_determines_the_score():
@@ -475,10 +477,13 @@ def test_world_images_are_the_same_in_every_process(tmp_path):
             "a = ap.parse_args([]); item, src, out, deg = d.edit_candidate('train', 0, a); deg = dict(deg or {}, noise=3); "
             "root = pathlib.Path(sys.argv[1]); (root / 'images').mkdir(parents=True); "
             "d.write_edit_images(root, item, src, out, deg, 64)")
-    for k in (1, 2):
-        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(k))], cwd=os.path.dirname(os.path.dirname(os.path.abspath(toy.__file__))),
-                             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": str(k)})
-        assert run.returncode == 0, run.stderr
+    root = os.path.dirname(os.path.dirname(os.path.abspath(toy.__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / str(k))], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONHASHSEED": str(k)})
+             for k in (1, 2)]  # side by side
+    for p in procs:
+        err = p.communicate()[1]
+        assert p.returncode == 0, err
     a, b = (sorted((tmp_path / str(k) / "images").iterdir()) for k in (1, 2))
     assert [p.name for p in a] == [p.name for p in b] and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
     assert toy.data.noise_seed("edit-train-000007") == 2718243933  # crc32 of the id: the same on every machine
