@@ -194,18 +194,26 @@ def test_pixel_judges_are_perfect_on_exact_renderings_and_low_on_wrong_ones():
     assert toy.pixel_judge_gen(toy.render(Scene("gray"), 32), src)["overall"] < 0.3
 
 
-def test_the_tiny_generators_tokenizer_is_the_same_in_every_process():
-    """tokenizers' BPE trainer numbers single characters in a per-process order; toy renumbers them."""
+def python_side_by_side(code, runs):
+    """stdout of `python -c code *args` for each (args, env update) in `runs`, run at once from the project root (each
+    one's time is mostly imports); every run must succeed."""
     import os
     import subprocess
     import sys
-    code = "import json, toy.models as m; print(json.dumps(m._clip_tokenizer(m.world_prompts(300))[1], sort_keys=True))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(toy.__file__)))
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(3)]  # side by side: each one's time is mostly imports
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **env}) for args, env in runs]
     outs = [p.communicate() for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    assert outs[0][0] == outs[1][0] == outs[2][0] != ""
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    return [out for out, _ in outs]
+
+
+def test_the_tiny_generators_tokenizer_is_the_same_in_every_process():
+    """tokenizers' BPE trainer numbers single characters in a per-process order; toy renumbers them."""
+    code = "import json, toy.models as m; print(json.dumps(m._clip_tokenizer(m.world_prompts(300))[1], sort_keys=True))"
+    outs = python_side_by_side(code, [((), {})] * 3)
+    assert outs[0] == outs[1] == outs[2] != ""
 
 
 def test_the_execution_reasoning_determines_the_score():
@@ -470,20 +478,11 @@ def test_score_balancing_produces_low_execution_scores():
 
 def test_world_images_are_the_same_in_every_process(tmp_path):
     """Degradation noise is seeded from the id, never from hash(), which Python salts per process."""
-    import os
-    import subprocess
-    import sys
     code = ("import argparse, sys, pathlib, toy.data as d; ap = argparse.ArgumentParser(); d.world_args(ap); "
             "a = ap.parse_args([]); item, src, out, deg = d.edit_candidate('train', 0, a); deg = dict(deg or {}, noise=3); "
             "root = pathlib.Path(sys.argv[1]); (root / 'images').mkdir(parents=True); "
             "d.write_edit_images(root, item, src, out, deg, 64)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(toy.__file__)))
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / str(k))], cwd=root, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONHASHSEED": str(k)})
-             for k in (1, 2)]  # side by side
-    for p in procs:
-        err = p.communicate()[1]
-        assert p.returncode == 0, err
+    python_side_by_side(code, [((str(tmp_path / str(k)),), {"PYTHONHASHSEED": str(k)}) for k in (1, 2)])
     a, b = (sorted((tmp_path / str(k) / "images").iterdir()) for k in (1, 2))
     assert [p.name for p in a] == [p.name for p in b] and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
     assert toy.data.noise_seed("edit-train-000007") == 2718243933  # crc32 of the id: the same on every machine
