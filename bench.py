@@ -288,7 +288,8 @@ def make_scorer(spec, args, device):
                 return None
             return r["text"] if "text" in r else json.dumps({"score": r.get("scores", r.get("score"))})
     else:  # a model directory, an endpoint or a factory: the images, the text and the bench row ("record")
-        critic = reward.open_critic(spec, device=device, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        critic = reward.open_critic(spec, device=device, prompt_file=args.prompt_file, max_new_tokens=args.max_new_tokens,
+                                    batch_size=args.batch_size)
 
         def predict(mode, items):
             keys = ("image",) if mode == "instruction" else ("source", "edited")
@@ -316,7 +317,7 @@ def predict_all(name, spec, items, args, rank, world, device):
     """Each rank scores its shard (global index % world) of the items not yet predicted; rank 0 merges."""
     pdir = Path(args.out) / "preds" / name
     fp = fingerprint(spec[5:] if spec.startswith("file:") else spec, spec, args.method, args.samples,
-                     args.max_new_tokens)
+                     args.max_new_tokens, args.prompt_file and fingerprint(args.prompt_file))
     start_fresh_if_changed(pdir, fp, rank, f"[{name}] critic or decoding flags")
     done = read_parts([pdir / "predictions.jsonl"] + sorted(pdir.glob("part-*.jsonl")), "key")
     dist.barrier()  # every rank has read (and repaired) the old files before any rank appends to them
@@ -458,11 +459,11 @@ def run_critics(args):
 # policy command: sample with fixed seeds, judge independently, base vs each tuned policy
 
 
-def policy_judge(spec, kind, device, max_new_tokens=None):
+def policy_judge(spec, kind, device, max_new_tokens=None, prompt_file=None):
     """-> judge(records, images, sources) -> policy_scores of the critic `spec` names. Each item carries its prompt
     record ("record"): a judge that knows the answer (a world's) reads it there. The same for a critic whose rewards
     are compared with the judge's (--critic)."""
-    critic = reward.open_critic(spec, device=device, max_new_tokens=max_new_tokens)
+    critic = reward.open_critic(spec, device=device, prompt_file=prompt_file, max_new_tokens=max_new_tokens)
     return lambda recs, ims, sources: policy_scores(critic, kind, recs, ims, sources)
 
 
@@ -494,12 +495,13 @@ def run_policy(args):
     recs = read_manifest(args.prompts, fields, images="decode" if args.kind == "edit" else "exist")[:args.limit]
     K, base_dir, policies, out = args.samples_per_prompt, Path(args.prompts).parent, {"base": None, **args.tuned}, Path(args.out)
     fp = fingerprint(args.base, args.kind, args.judge, args.seed, K, args.steps, args.max_new_tokens,
+                     args.prompt_file and fingerprint(args.prompt_file),
                      *(fingerprint(p, n) for n, p in {**args.tuned, **args.critics}.items()))
     start_fresh_if_changed(out, fp, rank, "the policies, judge, seeds or steps")
     done = {v: read_parts(score_files(out, v), "uid") for v in policies}
     dist.barrier()  # every rank has read (and repaired) the old files before any rank appends to them
-    judge, rl = policy_judge(args.judge, args.kind, device), importlib.import_module(f"rl_{args.kind}")
-    critics = {n: policy_judge(s, args.kind, device, args.max_new_tokens) for n, s in args.critics.items()}
+    judge, rl = policy_judge(args.judge, args.kind, device, None, args.prompt_file), importlib.import_module(f"rl_{args.kind}")
+    critics = {n: policy_judge(s, args.kind, device, args.max_new_tokens, args.prompt_file) for n, s in args.critics.items()}
     steps = args.steps or {"gen": 10, "edit": 6}[args.kind]  # as in RL
     jobs = [(i * K + k, r, k) for i, r in enumerate(recs) for k in range(K)]  # global index -> seed
     for variant, lora in policies.items():
@@ -609,6 +611,11 @@ def policy_summary(args, recs, out, base_dir, scores):
 # CLI
 
 
+PROMPT_FILE_HELP = ("scoring templates, JSON {mode: template} (reward.load_prompts), for every model critic this run "
+                    "opens: critics trained on other templates than reward.PROMPTS, e.g. the released FIRM-Edit-8B / "
+                    "FIRM-Gen-8B with the release's (bench those and ours in separate runs)")
+
+
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="FIRM-Bench for critics, policy evaluation")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -630,6 +637,7 @@ def get_args(argv=None):
     c.add_argument("--max-new-tokens", type=int, default=None, help="tokens per critic answer (default: reward.MAX_NEW_TOKENS, "
                    "the release's 256 edit / 8192 gen)")
     c.add_argument("--batch-size", type=int, default=16, help="items per critic batch")
+    c.add_argument("--prompt-file", default=None, help=PROMPT_FILE_HELP)
     c.add_argument("--out", default=None, help="output directory (critics.md, critics.json, confusion_*.png, preds/)")
     # policy: models, prompts, judge
     p.add_argument("--kind", required=True, choices=["gen", "edit"])
@@ -643,6 +651,7 @@ def get_args(argv=None):
                    help="NAME=SPEC of a critic whose fused rewards of the same samples are ranked against the judge's "
                         "within each prompt (what RL's group advantages learn from; repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="--critic answer limit, tokens (default: reward.py's)")
+    p.add_argument("--prompt-file", default=None, help=PROMPT_FILE_HELP)
     # policy: sampling and output
     p.add_argument("--samples-per-prompt", type=int, default=4, help="seeds per prompt")
     p.add_argument("--seed", type=int, default=1000, help="seed of global sample 0")

@@ -452,6 +452,10 @@ def add_rl_args(ap, methods, reward="qma", fusions=("qma", "instruction"), rollo
     ap.add_argument("--reward-batch", type=int, default=16, help="items per critic forward")
     ap.add_argument("--reward-max-new-tokens", type=int, default=None,
                     help="critic answer limit, tokens (default: the release's per-mode limit, reward.MAX_NEW_TOKENS)")
+    ap.add_argument("--reward-prompt-file", default=None,
+                    help="the critic's scoring templates, JSON {mode: template} (reward.load_prompts), for a critic "
+                    "trained on other templates than reward.PROMPTS, e.g. the released FIRM-Edit-8B / FIRM-Gen-8B with the "
+                    "release's; not used for --eval-judge")
     # rollout
     ap.add_argument("--prompts-per-step", type=int, default=prompts_per_step, help="prompt groups per RL step, all ranks")
     ap.add_argument("--group-size", type=int, default=group_size, help="samples per prompt (K); need not divide the ranks")

@@ -105,17 +105,25 @@ MAX_NEW_TOKENS = {"execution": 256, "consistency": 256, "instruction": 8192, "qu
 def load_prompts(path=None):
     """The default templates, replaced by any in a JSON file {mode: template, "answer_prefix": {mode: str}}."""
     prompts = dict(PROMPTS, answer_prefix=dict(ANSWER_PREFIX))
-    user = json.loads(Path(path).read_text()) if path else {}
-    prompts["answer_prefix"].update(user.pop("answer_prefix", {}))
-    if set(user) - set(PROMPTS):
-        raise ValueError(f"{path}: unknown scoring mode(s) {sorted(set(user) - set(PROMPTS))}; "
-                         f"expected some of {sorted(PROMPTS)}")
+    try:
+        user = json.loads(Path(path).read_text()) if path else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read scoring templates ({type(e).__name__}: {e})") from None
+    prefix = user.pop("answer_prefix", {}) if isinstance(user, dict) else None
+    if not isinstance(prefix, dict) or not all(isinstance(v, str) for v in prefix.values()):
+        raise DataError(f"{path}: expected a JSON object {{mode: template, \"answer_prefix\": {{mode: str}}}}")
+    if (set(user) | set(prefix)) - set(PROMPTS):
+        raise DataError(f"{path}: unknown scoring mode(s) {sorted((set(user) | set(prefix)) - set(PROMPTS))}; "
+                        f"expected some of {sorted(PROMPTS)}")
+    prompts["answer_prefix"].update(prefix)
     for mode, template in user.items():  # fail at load, not at the first item
+        if not isinstance(template, str):
+            raise DataError(f"{path}: template {mode!r} is not a string ({type(template).__name__})")
         try:
             template.format(instruction="", prompt="", requirement="")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"{path}: template {mode!r} is not a str.format template with the fields {{instruction}}, "
-                             f"{{prompt}}, {{requirement}} ({type(e).__name__}: {e}); write literal braces as {{{{ }}}}") from None
+            raise DataError(f"{path}: template {mode!r} is not a str.format template with the fields {{instruction}}, "
+                            f"{{prompt}}, {{requirement}} ({type(e).__name__}: {e}); write literal braces as {{{{ }}}}") from None
     return prompts | user
 
 

@@ -36,6 +36,10 @@ Departures from the paper / release (and those of rl_gen.py: weight values swapp
      guidance-free: sample it with true_cfg_scale=1.0.
   4. Without a VAE (the miniature world's tiny editor) the "latents" are the pixels rearranged space-to-depth
      (lossless; encode_latents / decode_latents are the one place that knows).
+  5. Sources keep their aspect ratio (the release center-crops them to a square, which can cut away what the
+     instruction refers to); the instruction is not truncated (the release: 256 text tokens, template included);
+     one advantage group per record (the release groups by instruction text, merging sources that share one);
+     evaluation uses the rollouts' ODE sampler (the release: Euler).
 """
 
 import argparse
@@ -440,7 +444,8 @@ def main(args):
     train = load_prompts(args.prompts)
     test = load_prompts(args.test_prompts)[:args.eval_prompts] if args.test_prompts and args.eval_every else []
     # the critics before the policy: a wrong path or URL fails in seconds
-    critic = open_critic(args.reward_model, device=device, max_new_tokens=args.reward_max_new_tokens, batch_size=args.reward_batch)
+    critic = open_critic(args.reward_model, device=device, prompt_file=args.reward_prompt_file,
+                         max_new_tokens=args.reward_max_new_tokens, batch_size=args.reward_batch)
     judge = open_critic(args.eval_judge, device=device, batch_size=args.reward_batch) if args.eval_judge and test else None
 
     # The policy: LoRA (or every weight) in fp32 over the frozen base, FSDP2, the optimizer after sharding; the frozen

@@ -27,7 +27,8 @@ Departures from the paper / release:
      (reward_fail); the release turns it into 0.
   3. Without a T5 encoder no T5 tokens are appended; without a VAE the latents are pixels (decode() knows).
   4. Every --eval-every steps the EMA weights draw one image per held-out prompt (fixed seeds), scored by the
-     critic and, with --eval-judge SPEC, by an independent judge.
+     critic and, with --eval-judge SPEC, by an independent judge; with the rollouts' ODE sampler (the release: Euler).
+  5. Details where the release's code differs (group size, precision, the critic's templates): README, deviation 9.
 """
 
 import argparse
@@ -50,11 +51,10 @@ from reward import METHODS, open_critic, rl_rewards
 # rl_edit.py uses the same flag names for the same things.
 
 PRESETS = {
-    # The miniature world on one CPU core (MINIATURE_NOTES): the tiny SD3 (python -m toy pretrain-gen) and the
-    # tiny gen critic; 4 prompts x 8 samples per step, 2 of the 10 noise levels trained per sample, LoRA lr 1e-3.
-    # 60 steps with the KL to the base at weight 1 (the release: 1e-4, inert here): unanchored, the tiny gen critic
-    # is hacked (its held-out reward rises while the judge falls), and of the counters measured in three worlds only
-    # the anchor gained with its whole CI above 0 in all three (NOTES.md, "A KL anchor to the base").
+    # The miniature world on one CPU core (MINIATURE_NOTES): the tiny SD3 and gen critic; 4 prompts x 8 samples per
+    # step, 2 of the 10 noise levels trained per sample, LoRA lr 1e-3, 60 steps. The KL to the base weighs 1 (the
+    # release: 1e-4, inert here): unanchored, the tiny critic is hacked (its held-out reward rises while the judge
+    # falls); of the counters measured in three worlds only the anchor gained in all three (NOTES.md, "A KL anchor").
     "mini": dict(model="runs/mini/models/gen-base", prompts="runs/mini/data/rl/gen_train.jsonl",
                  test_prompts="runs/mini/data/rl/gen_test.jsonl", reward_model="runs/mini/models/gen-critic",
                  eval_judge="toy.judges:pixel", reward_image_size=64, out="runs/mini/rl_gen", resolution=0, steps=60,
@@ -456,9 +456,8 @@ def save_policy(out, gen, model, params, ema, args, rank, sidecar):
 
 
 def load_prompts(path):
-    """Prompt records {prompt[, id, requirement, ...]}, all checked first (common.read_manifest); a record without
-    an id gets "<file stem>:<line>". Other fields travel with the record (a judge may read them: contract of
-    reward.open_critic)."""
+    """Prompt records {prompt[, id, requirement, ...]}, all checked first (common.read_manifest); a record without an
+    id gets "<file stem>:<line>"; other fields travel with the record (a judge may read them: reward.open_critic)."""
     rows = read_manifest(path, {"id": "id?", "prompt": "text", "requirement": "str?"}, lines=True)
     for lineno, r in rows:
         r.setdefault("id", f"{Path(path).stem}:{lineno}")
@@ -485,7 +484,8 @@ def main(args):
     train = load_prompts(args.prompts)
     test = load_prompts(args.test_prompts)[:args.eval_prompts] if args.test_prompts and args.eval_every else []
     # the critics before the policy: a wrong path or URL fails in seconds
-    critic = open_critic(args.reward_model, device=device, batch_size=args.reward_batch, max_new_tokens=args.reward_max_new_tokens)
+    critic = open_critic(args.reward_model, device=device, prompt_file=args.reward_prompt_file, batch_size=args.reward_batch,
+                         max_new_tokens=args.reward_max_new_tokens)
     judge = open_critic(args.eval_judge, device=device, batch_size=args.reward_batch) if args.eval_judge and test else None
 
     # The policy: LoRA (or every weight) on the fp32 transformer, FSDP2, the optimizer after sharding. The frozen base,

@@ -170,3 +170,22 @@ def test_bench_policy_names_a_base_policy_that_does_not_exist(mini_data, scratch
     argv = STAGES["bench policy"]["argv"](str(mini_data / "rl/edit_test.jsonl"), scratch, None, "/nonexistent/editor")
     code, err = run("bench policy", argv + ["--limit", "1"], capsys)
     assert code == 2 and "/nonexistent/editor" in err and "Traceback" not in err
+
+
+# the flag that hands each stage's critic its scoring templates (reward.load_prompts)
+PROMPT_FLAG = {"rl_gen": "--reward-prompt-file", "rl_edit": "--reward-prompt-file", "bench critics": "--prompt-file",
+               "bench policy": "--prompt-file", "reward score": "--prompt-file"}
+
+
+@pytest.mark.parametrize("stage", list(PROMPT_FLAG))
+def test_a_broken_template_file_stops_every_stage_that_opens_a_critic(stage, mini_data, critic_base, scratch, capsys):
+    """The templates reach the critic the stage opens, and are checked before any work: a field the templates do not
+    have ({score}) stops the stage with the file's name."""
+    templates = scratch / "templates.json"
+    templates.write_text(json.dumps({"execution": "Rate {instruction} as {score}", "instruction": "{prompt}"}))
+    argv = STAGES[stage]["argv"](str(mini_data / STAGES[stage]["manifest"]), scratch, str(critic_base), None)
+    if stage == "bench policy":  # its judge here is the world's (a factory, which takes no templates): add a critic
+        argv += ["--critic", f"c={critic_base}"]
+    code, err = run(stage, argv + [PROMPT_FLAG[stage], str(templates)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "templates.json: template 'execution' is not a str.format template" in err, err

@@ -377,6 +377,20 @@ def test_prompt_files_are_format_templates_like_the_releases(tmp_path):
         reward.load_prompts(f)
 
 
+@pytest.mark.parametrize("text,says", [
+    (None, "cannot read scoring templates .FileNotFoundError"), ('{"execution": ', "cannot read scoring templates .JSONDecodeError"),
+    ('["{instruction}"]', "expected a JSON object"), ('{"answer_prefix": {"execution": 1}}', "expected a JSON object"),
+    ('{"execution": 3}', "template 'execution' is not a string .int."),
+    ('{"judge": "{prompt}"}', r"unknown scoring mode\(s\) \['judge'\]"),
+    ('{"answer_prefix": {"judge": "["}}', r"unknown scoring mode\(s\) \['judge'\]")])
+def test_a_bad_template_file_is_an_error_that_names_it(tmp_path, text, says):
+    f = tmp_path / "templates.json"
+    if text is not None:
+        f.write_text(text)
+    with pytest.raises(DataError, match=re.escape(str(f)) + ": " + says):
+        reward.load_prompts(f)
+
+
 def test_self_ensemble_is_the_mean_of_the_samples_that_parsed(processor):
     critic = stub_critic(processor, answers=['{"score": [4]}', "garbage", '{"score": [5]}'])
     j = critic.score("execution", edit_items(1), samples=3)[0]
