@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from common import DataError, append_jsonl, check_model_dir, load_image, read_jsonl_resumable, read_manifest, run_stage
 
@@ -100,6 +101,21 @@ ANSWER_PREFIX = {"execution": '{"reasoning": "", "score": [', "consistency": '{"
 SCORE_SEP = ", "  # between the three quality scores
 # answer limits (tokens) of the release's reward servers; the gen critic writes an item-by-item checklist first
 MAX_NEW_TOKENS = {"execution": 256, "consistency": 256, "instruction": 8192, "quality": 8192}
+# the pixels a critic's image may have, in training (train_reward.py) and in scoring, in process or served:
+# LLaMA-Factory's defaults (image_max_pixels, image_min_pixels); the release trained its critics with LLaMA-Factory
+IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS = 768 * 768, 32 * 32
+
+
+def critic_image(image):
+    """An image as a critic sees it: RGB, resized (aspect kept, BICUBIC) to at most IMAGE_MAX_PIXELS and at least
+    IMAGE_MIN_PIXELS pixels as LLaMA-Factory's MLLM pre-processing does; the processor then fits it to its patches."""
+    image, n = image.convert("RGB"), image.width * image.height
+    if n == 0:
+        raise ValueError(f"an image of {image.width} x {image.height} pixels")
+    if n > IMAGE_MAX_PIXELS or n < IMAGE_MIN_PIXELS:
+        f = math.sqrt((IMAGE_MAX_PIXELS if n > IMAGE_MAX_PIXELS else IMAGE_MIN_PIXELS) / n)
+        image = image.resize((int(image.width * f), int(image.height * f)), Image.BICUBIC)
+    return image
 
 
 def load_prompts(path=None):
@@ -409,7 +425,7 @@ class Critic:
     @torch.inference_mode()
     def score(self, mode, items, method="generate", samples=1):
         turns = check_items(mode, items, self.prompts, method, samples)
-        images = [[it[k].convert("RGB") for k in IMAGE_FIELDS[mode]] for it in items]
+        images = [[critic_image(it[k]) for k in IMAGE_FIELDS[mode]] for it in items]
         out = []
         for s in range(0, len(items), self.batch_size):
             batch = self._inputs(turns[s:s + self.batch_size], images[s:s + self.batch_size])
@@ -627,7 +643,7 @@ class ServedCritic:
 
         def judge(k):
             try:
-                answers = self.complete(turns[k], [items[k][f] for f in IMAGE_FIELDS[mode]], limit, samples,
+                answers = self.complete(turns[k], [critic_image(items[k][f]) for f in IMAGE_FIELDS[mode]], limit, samples,
                                         method == "soft")
             except OSError as e:  # the server is gone or failing: this item has no score, counted, the run goes on
                 return Judgement(None, "", False, str(e), "unanswered")

@@ -13,7 +13,9 @@ prompt (WITHOUT the difference report / analysis plan the teacher saw), the targ
     torchrun --standalone --nproc_per_node=2 train_reward.py --preset mini-edit   # the same run on 2 ranks
 
 Defaults are the paper's (FIRM-Edit-8B model card: lr 1e-5, cosine, warmup 0.1, 1 epoch, per-device batch
-10 x 2 accumulation x 8 GPUs = global batch 160, LLaMA-Factory's grad clip 1.0 and no weight decay). A preset
+10 x 2 accumulation x 8 GPUs = global batch 160) and those of LLaMA-Factory, which trained it: grad clip 1.0, no weight
+decay, the vision tower and its mergers (the projector) frozen, images within 768^2 pixels (reward.critic_image, as
+the critic is scored), activation checkpointing. A preset
 names one run of the miniature world; all of them are in PRESETS below, the one in use is printed at start, and
 flags given explicitly win over it.
 
@@ -25,8 +27,9 @@ Departures from the paper (which used LLaMA-Factory + DeepSpeed):
   1. Hand-written FSDP2: fully_shard on each decoder layer, on the vision tower, then on the root. Only rank 0
      reads the checkpoint; the other ranks build an empty skeleton and receive their shards by broadcast.
   2. The loss is the mean over ALL answer tokens of the global batch (sum / token count, counted across ranks
-     and micro-batches), so 1 rank and N ranks give the same curve for the same global batch. LLaMA-Factory
-     averages per micro-batch first, weighting short answers more.
+     and micro-batches), so 1 rank and N ranks give the same curve for the same global batch: what transformers'
+     Trainer, under LLaMA-Factory, computes with average_tokens_across_devices (older versions: per micro-batch).
+     No record is cut (LLaMA-Factory: cutoff_len 2048 tokens by default).
   3. Warmup starts at lr/warmup_steps instead of 0 (the first step is not wasted).
   4. The target is the answer followed by the tokenizer's end-of-turn token; the prompt is exactly what the
      critic sees at inference (chat template with the generation prompt), as reward.py builds it.
@@ -49,7 +52,7 @@ from common import (DataError, MetricsLog, check_model_dir, cleanup_dist, die, e
                     load_on_rank0, local_param_bytes, parse_with_preset, plot_curves, preset_line, print0,
                     read_jsonl_resumable, read_manifest, run_stage, save_hf_checkpoint, save_hf_model, seed_everything,
                     setup_dist, write_json, write_jsonl)
-from reward import IMAGE, N_SCORES, content_parts, parse_score
+from reward import IMAGE, N_SCORES, content_parts, critic_image, parse_score
 
 # Qwen3-VL returns its per-image features as views; FSDP2 warns in case they are modified in place. We read only .logits.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -61,8 +64,9 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 # about the world's images and the critics start from that; -direct is the curation ablation (labels judged WITHOUT
 # report / plan). lr, batch and epochs were measured on one CPU core (NOTES.md); micro_batch None = global batch / ranks.
 # mini-vlm's answers are descriptions, not scores: no val MAE (val_generate 0).
+# The tiny critic trains its vision tower too (the miniature figures were measured so) and needs no checkpointing.
 MINI = dict(lr=1e-3, warmup_ratio=0.05, global_batch=4, micro_batch=None, weight_decay=0.0, eval_every=500,
-            save_every=500, val_generate=100, threads=1)
+            save_every=500, val_generate=100, threads=1, freeze_vision=False, activation_checkpointing=False)
 PRESETS = {
     "mini-vlm": dict(MINI, model="runs/mini/models/critic-base", out="runs/mini/models/vlm-base", epochs=1.0, val_generate=0,
                      train_file="runs/mini/data/sft/vlm_train.jsonl", val_file="runs/mini/data/sft/vlm_val.jsonl"),
@@ -97,6 +101,8 @@ def get_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     ap.add_argument("--seed", type=int, default=42, help="data order and init seed")
+    ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the vision tower and its merger (the projector) frozen, as LLaMA-Factory does by default")
     # Evaluation, logging, checkpoints (in optimizer steps)
     ap.add_argument("--eval-every", type=int, default=500, help="steps between held-out eval losses, and after the last (0 = after the last only)")
     ap.add_argument("--eval-batch", type=int, default=16, help="samples per eval forward pass on one rank")
@@ -106,7 +112,8 @@ def get_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint if it exists")
     ap.add_argument("--stop-after", type=int, default=None, help="testing: exit after this many steps as if killed (no final save)")
     # Runtime
-    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder activations in backward (saves memory)")
+    ap.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute decoder activations in backward (saves memory; LLaMA-Factory's default)")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank (default: torch's choice)")
     return parse_with_preset(ap, PRESETS, argv, required=("model", "train_file", "out"))
@@ -157,7 +164,7 @@ def chat_prompt(processor, user_turn):
 def encode(record, processor, root):
     """One record -> {input_ids (L,), labels (L,) (make_labels), image tensors}: the prompt, then the answer."""
     try:
-        images = [load_image(p, root) for p in record["images"]]
+        images = [critic_image(load_image(p, root)) for p in record["images"]]
     except DataError as e:
         raise DataError(f"{record.get('_where', 'record ' + repr(record['id']))}: field 'images': {e}") from None
     enc = processor(text=[chat_prompt(processor, record["messages"][0]["content"])], images=images or None, return_tensors="pt")
@@ -339,7 +346,7 @@ def val_mae(saved, records, train_records, args):
     processor.tokenizer.padding_side = "left"  # every row's last position is its last prompt token
     for i in range(0, len(records), args.eval_batch):
         chunk = records[i:i + args.eval_batch]
-        images = [[load_image(p, root) for p in r["images"]] for r in chunk]
+        images = [[critic_image(load_image(p, root)) for p in r["images"]] for r in chunk]
         batch = processor(text=[chat_prompt(processor, r["messages"][0]["content"]) for r in chunk],
                           images=images if any(images) else None, padding=True, return_tensors="pt").to(device)
         new = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)[:, batch["input_ids"].shape[1]:]
@@ -393,15 +400,19 @@ def main(args):
     # Model: rank 0 reads the weights, FSDP2 shards them (departure 1). A checkpoint is itself a model directory.
     resume = args.resume and find_checkpoint(out, rank, "trainer_state.json") is not None  # after a kill mid-save too
     model, processor = load_base(ckpt if resume else args.model, rank, args.activation_checkpointing)
+    model.model.visual.requires_grad_(not args.freeze_vision)
     save_dtype = hf_config_dtype(args.model)  # the final model keeps the BASE model's dtype (a checkpoint is fp32)
     n_params, full_bytes = sum(p.numel() for p in model.parameters()), sum(p.numel() * p.element_size() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model = shard(model, device, world)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else processor.tokenizer.eos_token_id
 
     # Optimizer (lr 1e-5, no weight decay in the paper) AFTER sharding: it must hold the sharded (DTensor) parameters
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     state = {"train_file": str(args.train_file), "n_train": len(train_records), "global_batch": args.global_batch,
-             "seed": args.seed, "total_steps": total}  # the data order depends on these: a resume must not change them
+             "seed": args.seed, "total_steps": total,  # the data order depends on these: a resume must not change them
+             "freeze_vision": args.freeze_vision}  # and the optimizer's parameters on this
     start = load_hf_checkpoint(ckpt, model, opt, state) if resume else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +424,8 @@ def main(args):
     # Say what will happen, once
     if said:
         print0(said)
-    print0(f"model {args.model}: {n_params / 1e6:.2f} M params; parameters per rank {local_param_bytes(model) / 2**20:.2f} MiB "
+    print0(f"model {args.model}: {n_params / 1e6:.2f} M params, {n_trained / 1e6:.2f} M trained"
+           f"{' (vision tower frozen)' if args.freeze_vision else ''}; parameters per rank {local_param_bytes(model) / 2**20:.2f} MiB "
            f"of {full_bytes / 2**20:.2f} MiB (world {world}, device {device})")
     print0(f"train {len(train_records)} records ({args.train_file}), val {len(val_records)}; {total} steps of "
            f"{args.global_batch} samples = {world} ranks x {args.micro_batch} x {accum} accumulation; "
@@ -437,7 +449,7 @@ def main(args):
             g["lr"] = lr
         train_loss = sft_step(model, [next(batches) for _ in range(accum)], world, device)
         # the norm of the WHOLE gradient: each rank holds a shard, so the sharded norms are combined across ranks
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -10,8 +10,9 @@ text encoders, critic) are random tensors of their output shapes. The project's 
      on rl_gen.LORA_TARGETS, FSDP2 per block then root (bf16 compute, fp32 reduce): a rollout batch of 16 with 10
      steps of ode_sample (old policy swapped in), then a micro-batch of 8 at 9 noise levels each (old and base
      passes, forward/backward of nft_loss + 1e-4 kl_loss, grad clip, AdamW). rl_gen's default sizes.
-  b. train_reward: one full-fine-tuning SFT step of Qwen3-VL-8B (fp32 weights, train_reward.shard, activation
-     checkpointing, forward_loss) on sequences of 1024 tokens with two 512 px images each.
+  b. train_reward: one SFT step of Qwen3-VL-8B as train_reward's defaults run it (fp32 weights, the vision tower
+     frozen, train_reward.shard, activation checkpointing, forward_loss) on sequences of 1024 tokens with two 512 px
+     images each.
   c. rl_edit: the 20 B Qwen-Image(-Edit-2509) transformer built on the meta device, sharded per block then root,
      materialised shard by shard in bf16 (to_empty, random values), LoRA by rl_edit.add_lora; an old-policy pass
      and a forward/backward of nft_loss through rl_edit.predict_velocity at 512 px (1024 noisy + 1024 source +
@@ -250,16 +251,18 @@ def part_critic(args, S, device, world):
     n_all = numel(model.parameters())
     model.config.use_cache = False
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # as --activation-checkpointing
+    model.model.visual.requires_grad_(False)  # as train_reward's default --freeze-vision (LLaMA-Factory's)
+    params = [p for p in model.parameters() if p.requires_grad]
     t_shard, model = timed(lambda: shard(model, device, world), device)  # FSDP2; rank 0's weights broadcast to all
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     batch = critic_batch(cfg, S, args.sft_batch, device)
     n_tok = int((batch["labels"][:, 1:] != -100).sum()) * world  # answer tokens of the global batch
 
     def step():
         loss, _ = forward_loss(model, batch)  # summed cross-entropy over the answer tokens (train_reward.sft_loss)
         (loss * world / n_tok).backward()  # FSDP averages over ranks: this makes it the global token mean
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
@@ -269,7 +272,7 @@ def part_critic(args, S, device, world):
         t, loss = timed(step, device)
     t, loss = over_ranks(t, device), over_ranks(loss, device, dist.ReduceOp.SUM) / n_tok
     B, L = args.sft_batch, S["vl_seq"]
-    return [("model", f"{count(n_all)} params, all trained; {B} x {L} tokens per rank, 2 images of "
+    return [("model", f"{count(n_all)} params, {count(numel(params))} trained; {B} x {L} tokens per rank, 2 images of "
                       f"{S['vl_image']} px and {S['vl_answer']} answer tokens each"),
             ("train_reward.shard (FSDP2 + broadcast of rank 0's weights), s", f"{over_ranks(t_shard, device):.1f}"),
             ("s per step (fwd/bwd with checkpointing, grad clip, AdamW)", f"{t:.3f}"),
@@ -410,7 +413,7 @@ def main(args):
                   value=args.tests)] if args.tests else []
     tag = " [tiny]" if args.tiny else ""
     parts = [("a", "a. rl_gen: SD3.5-Medium DiffusionNFT step, LoRA, 512 px", lambda: part_generator(args, S, device, world)),
-             ("b", "b. train_reward: Qwen3-VL-8B SFT step, full", lambda: part_critic(args, S, device, world)),
+             ("b", "b. train_reward: Qwen3-VL-8B SFT step, vision frozen", lambda: part_critic(args, S, device, world)),
              ("c", "c. rl_edit: Qwen-Image 20B LoRA, 1 edit, no checkpointing",
               lambda: part_editor(args, S, device, world, 1, False)),
              ("c", f"c. rl_edit: Qwen-Image 20B LoRA, {args.edit_batch} edits, checkpointing",

@@ -322,6 +322,12 @@ def test_train_reward_on_the_qwen3_vl_layout_saves_a_critic_that_reopens_in_bf16
     out = tmp_path / "critic"
     train_reward.main(train_reward.get_args(train_reward_args(qwen3vl, data, out, "--save-every", "0")))
     check_saved_critic(out)
+    # as LLaMA-Factory by default: the vision tower and its mergers (the projector) frozen, the language model trained
+    from safetensors.torch import load_file
+    base, tuned = ({k: v for f in d.glob("*.safetensors") for k, v in load_file(f).items()} for d in (qwen3vl, out))
+    vision = [k for k in base if k.startswith("model.visual.")]
+    assert vision and base.keys() == tuned.keys() and all(torch.equal(base[k], tuned[k]) for k in vision)
+    assert not all(torch.equal(base[k], tuned[k]) for k in base.keys() - set(vision))
     import reward  # and it scores as a critic
     critic = reward.Critic(out, device=DEVICE, max_new_tokens=4)
     (j,) = critic.score("quality", [{"image": picture(1)}], method="expected")

@@ -367,6 +367,31 @@ def test_the_gen_instruction_score_reads_boxed_first_like_the_release():
     assert reward.parse_score(rating, 1, "instruction").scores == [3] and reward.parse_score(rating, 1).scores == [2]
 
 
+def test_a_critic_sees_images_within_llama_factorys_pixel_limits():
+    # LLaMA-Factory's _preprocess_image: above 768^2 (below 32^2) pixels, scale both sides by sqrt(limit / pixels), floor
+    sizes = {(1000, 1000): (768, 768), (2000, 1000): (1086, 543), (20, 10): (45, 22), (64, 64): (64, 64), (768, 768): (768, 768)}
+    for size, want in sizes.items():
+        assert reward.critic_image(Image.new("L", size, 7)).size == want
+    im = Image.new("RGB", (64, 48), (1, 2, 3))
+    assert reward.critic_image(im).tobytes() == im.tobytes()  # within the limits: the image itself
+
+
+def test_in_process_and_served_critics_hand_the_same_capped_images_on(monkeypatch):
+    seen = []
+    critic = Critic.__new__(Critic)  # no model: only what reaches the processor matters here
+    critic.prompts, critic.batch_size = reward.load_prompts(), 16
+    monkeypatch.setattr(Critic, "_inputs", lambda self, turns, images: seen.append([i.size for i in images[0]]) or {})
+    monkeypatch.setattr(Critic, "_generate", lambda self, mode, batch, samples, soft=False: [])
+    item = {"source": Image.new("RGB", (1600, 900)), "edited": Image.new("RGB", (40, 20)), "instruction": "x"}
+    critic.score("execution", [item])
+    served = reward.ServedCritic.__new__(reward.ServedCritic)  # no server: only what reaches the request matters
+    served.prompts, served.max_new_tokens, served.concurrency = reward.load_prompts(), None, 1
+    monkeypatch.setattr(reward.ServedCritic, "complete",
+                        lambda self, parts, images, *a: seen.append([i.size for i in images]) or [("", "stop", None)])
+    served.score("execution", [item])
+    assert seen == [[(1024, 576), (45, 22)]] * 2
+
+
 def test_prompt_files_are_format_templates_like_the_releases(tmp_path):
     f = tmp_path / "prompts.json"
     f.write_text(json.dumps({"execution": 'Instruction: {instruction}\nAnswer as {{"reasoning": "...", "score": [n]}}'}))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import reward
 import train_reward as tr
 from common import DataError, load_image, read_jsonl, write_jsonl
 
@@ -85,6 +86,25 @@ def test_encoded_record_masks_prompt_and_image_tokens_and_keeps_the_inference_pr
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert (s["input_ids"] == image_token).sum() == (s["mm_token_type_ids"] == 1).sum() > 0
     assert s["image_grid_thw"].shape == (2, 3)
+
+
+def test_training_sees_images_as_the_critic_does_at_inference(mini_data, tiny, tmp_path):
+    _, processor = tiny
+    rec = dict(read_jsonl(mini_data / "sft/edit_train.jsonl")[0])
+    big = load_image(rec["images"][0], mini_data / "sft").resize((1200, 900))
+    big.save(tmp_path / "big.png")
+    rec["images"] = [str(tmp_path / "big.png"), str(mini_data / "sft" / rec["images"][1])]
+    seen = []
+
+    class Recording:  # the processor, recording the images it is given
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+        def __call__(self, **kw):
+            seen.extend(im.size for im in kw["images"])
+            return processor(**kw)
+    tr.encode(rec, Recording(), mini_data / "sft")
+    assert seen[0] == reward.critic_image(big).size == (886, 665)  # within 768^2 pixels, as reward.Critic scores it
 
 
 def test_training_chat_is_the_one_the_critic_builds_at_inference(tiny):
@@ -249,6 +269,14 @@ def test_mini_presets_train_the_seeing_base_first_and_the_critics_from_it():
     for name, preset in tr.PRESETS.items():  # each names its whole run: nothing is derived from the name
         assert {"model", "train_file", "val_file", "out", "epochs"} <= set(preset), name
         assert tr.get_args(["--preset", name]).out == preset["out"]
+
+
+def test_the_vision_tower_is_frozen_as_llama_factory_freezes_it_except_in_the_miniature_world():
+    real = tr.get_args(["--model", "m", "--train-file", "t", "--out", "o"])
+    assert real.freeze_vision and real.activation_checkpointing  # LLaMA-Factory's defaults
+    for preset in tr.PRESETS:  # the tiny critic trains its tower too (the miniature figures were measured so)
+        mini = tr.get_args(["--preset", preset])
+        assert not mini.freeze_vision and not mini.activation_checkpointing
 
 
 def test_without_a_preset_the_model_data_and_output_must_be_named():
