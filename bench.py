@@ -500,7 +500,7 @@ def run_policy(args):
     start_fresh_if_changed(out, fp, rank, "the policies, judge, seeds or steps")
     done = {v: read_parts(score_files(out, v), "uid") for v in policies}
     dist.barrier()  # every rank has read (and repaired) the old files before any rank appends to them
-    judge, rl = policy_judge(args.judge, args.kind, device, None, args.prompt_file), importlib.import_module(f"rl_{args.kind}")
+    judge, rl = policy_judge(args.judge, args.kind, device, prompt_file=args.prompt_file), importlib.import_module(f"rl_{args.kind}")
     critics = {n: policy_judge(s, args.kind, device, args.max_new_tokens, args.prompt_file) for n, s in args.critics.items()}
     steps = args.steps or {"gen": 10, "edit": 6}[args.kind]  # as in RL
     jobs = [(i * K + k, r, k) for i, r in enumerate(recs) for k in range(K)]  # global index -> seed

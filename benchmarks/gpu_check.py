@@ -252,9 +252,9 @@ def part_critic(args, S, device, world):
     model.config.use_cache = False
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # as --activation-checkpointing
     model.model.visual.requires_grad_(False)  # as train_reward's default --freeze-vision (LLaMA-Factory's)
-    params = [p for p in model.parameters() if p.requires_grad]
     t_shard, model = timed(lambda: shard(model, device, world), device)  # FSDP2; rank 0's weights broadcast to all
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 replaces them with DTensors
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     batch = critic_batch(cfg, S, args.sft_batch, device)
     n_tok = int((batch["labels"][:, 1:] != -100).sum()) * world  # answer tokens of the global batch
