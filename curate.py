@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from common import (DataError, append_jsonl, load_image, parse_with_preset, preset_line, read_jsonl, read_jsonl_resumable,
                     read_manifest, run_stage, write_json, write_jsonl)
-from reward import EDIT_MODES, GEN_MODES, N_SCORES, build_prompt, is_factory, load_factory, open_critic, parse_score
+from reward import EDIT_MODES, GEN_MODES, N_SCORES, build_prompt, is_factory, load_factory, load_prompts, open_critic, parse_score
 
 # -----------------------------------------------------------------------------
 # CLI: the defaults are the paper's; a preset names the miniature world's files and judge.
@@ -70,6 +70,9 @@ def get_args(argv=None):
     ap.add_argument("--judge", default=None, help="a model directory (run in process), an OpenAI-compatible endpoint "
                     "http://host:port/v1[#served name] (key from $FIRM_CRITIC_API_KEY), or a factory package.module:name")
     ap.add_argument("--max-new-tokens", type=int, default=512, help="model judges: tokens per answer")
+    ap.add_argument("--prompt-file", default=None, help="the critic's scoring templates, JSON {mode: template} "
+                    "(reward.load_prompts), written into the SFT records and asked of a model judge: e.g. the release's, "
+                    "to train on from FIRM-Edit-8B / FIRM-Gen-8B; the critic is then scored with the same file")
     # Curation
     ap.add_argument("--balance-share", type=float, default=0.1, help="share of edit candidates added again with a "
                     "mismatched instruction (score balancing, Sec 3.1)")
@@ -105,8 +108,8 @@ class ChatBackend:
     """A model judge (reward.open_critic: a model directory or a served endpoint), asked the pipeline's questions.
     edit(item) / gen(item) -> (difference report or plan, {mode: answer text}); item["_root"]: where its images are."""
 
-    def __init__(self, judge, max_new_tokens):
-        self.judge, self.max_new_tokens = judge, max_new_tokens
+    def __init__(self, judge, max_new_tokens, prompts):
+        self.judge, self.max_new_tokens, self.prompts = judge, max_new_tokens, prompts
 
     def chat(self, images, text):
         return self.judge.chat(images, text, self.max_new_tokens)
@@ -116,17 +119,18 @@ class ChatBackend:
         report = None
         if not direct:
             report = "\n".join(self.chat(images, p) for p in DIFF_PROMPTS)
-        return report, {m: self.chat(images, with_context(build_prompt(m, item["instruction"], item.get("requirement")),
-                                                          "Difference report", report)) for m in EDIT_MODES}
+        return report, {m: self.chat(images, with_context(build_prompt(m, item["instruction"], item.get("requirement"),
+                                                                       self.prompts), "Difference report", report))
+                         for m in EDIT_MODES}
 
     def gen(self, item, direct=False):
         image = load_image(item["image"], item["_root"])
         plan = None if direct else self.chat([], PLAN_PROMPT.replace("{prompt}", item["prompt"]))
-        return plan, {m: self.chat([image], with_context(build_prompt(m, item["prompt"]), "Analysis plan", plan))
-                      for m in GEN_MODES}
+        return plan, {m: self.chat([image], with_context(build_prompt(m, item["prompt"], prompts=self.prompts),
+                                                         "Analysis plan", plan)) for m in GEN_MODES}
 
 
-def make_backend(args):
+def make_backend(args, prompts):
     """A factory's object that has edit() and gen() runs the pipelines itself (the world's teacher); any other
     judge must answer questions (chat()) and is asked them by ChatBackend."""
     judge = load_factory(args.judge) if is_factory(args.judge) else open_critic(args.judge)
@@ -134,7 +138,7 @@ def make_backend(args):
         return judge
     if not callable(getattr(judge, "chat", None)):
         raise DataError(f"--judge {args.judge}: {type(judge).__name__} neither runs the pipelines (edit, gen) nor chats")
-    return ChatBackend(judge, args.max_new_tokens)
+    return ChatBackend(judge, args.max_new_tokens, prompts)
 
 
 # -----------------------------------------------------------------------------
@@ -200,19 +204,20 @@ class Curator:
 # -----------------------------------------------------------------------------
 # outputs: SFT files (messages + images), relative to the sft/ folder
 
-def sft_records(rows, kind, image_prefix):
-    """LLaMA-Factory-style multimodal records: the scoring prompt WITHOUT report/plan, the judge's answer."""
+def sft_records(rows, kind, image_prefix, prompts):
+    """LLaMA-Factory-style multimodal records: the scoring prompt (`prompts`' template) WITHOUT report/plan, the
+    judge's answer."""
     out = []
     for r in rows:
         if kind == "edit":
             images = [image_prefix + r["source"], image_prefix + r["edited"]]  # original first, edited second
             for m in EDIT_MODES:
-                prompt = build_prompt(m, r["instruction"], r.get("requirement"))
+                prompt = build_prompt(m, r["instruction"], r.get("requirement"), prompts)
                 out.append({"id": f"{r['id']}:{m}", "mode": m, "score": r["scores"][m], "images": images,
                             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["answers"][m]}]})
         else:
             for m in GEN_MODES:
-                prompt = build_prompt(m, r["prompt"])
+                prompt = build_prompt(m, r["prompt"], prompts=prompts)
                 out.append({"id": f"{r['id']}:{m}", "mode": m, "score": r["scores"][m], "images": [image_prefix + r["image"]],
                             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["answers"][m]}]})
     return out
@@ -226,7 +231,7 @@ def split_val(records, share, seed):
     return [r for r in records if key(r) not in val], [r for r in records if key(r) in val]
 
 
-def write_outputs(args, root, image_dirs):
+def write_outputs(args, root, image_dirs, prompts):
     """SFT files under <root>/sft; image paths are rewritten relative to that directory."""
     counts = {}
     for kind, suffix in [("edit", ""), ("gen", ""), ("edit", "_direct"), ("gen", "_direct")]:
@@ -234,7 +239,7 @@ def write_outputs(args, root, image_dirs):
         if not path.exists():
             continue
         prefix = os.path.relpath(image_dirs[kind], (root / "sft").resolve()) + "/"
-        recs = sft_records(read_jsonl(path), kind, prefix)
+        recs = sft_records(read_jsonl(path), kind, prefix, prompts)
         train, val = split_val(recs, args.val_share, args.seed)
         write_jsonl(root / "sft" / f"{kind}{suffix}_train.jsonl", train)
         write_jsonl(root / "sft" / f"{kind}{suffix}_val.jsonl", val)
@@ -260,6 +265,7 @@ def main(args):
     if args.preset:
         print(preset_line(args, PRESETS))
 
+    prompts = load_prompts(args.prompt_file)  # a broken template file stops here, before anything is judged
     # Every candidate checked first; images stay where the candidate manifest points (paths relative to it)
     paths = {kind: Path(p) for kind, p in (("edit", args.edit_candidates), ("gen", args.gen_candidates)) if p}
     candidates = {kind: read_candidates(path, kind) for kind, path in paths.items()}
@@ -268,7 +274,7 @@ def main(args):
     image_dirs = {kind: path.resolve().parent for kind, path in paths.items()}
 
     # Judge: difference report / plan first, then the scores; with --ablation-direct again without them
-    curator = Curator(make_backend(args), args.max_items)
+    curator = Curator(make_backend(args, prompts), args.max_items)
     for kind in paths:
         for direct in ([False, True] if args.ablation_direct else [False]):
             manifest = root.resolve() / kind / f"curated{'_direct' if direct else ''}.jsonl"
@@ -277,7 +283,7 @@ def main(args):
                 return
 
     # SFT files for train_reward.py, and what was made
-    counts = write_outputs(args, root, image_dirs)
+    counts = write_outputs(args, root, image_dirs, prompts)
     summary = {"seconds": round(time.time() - t0, 1), "judged_this_run": curator.stats["judged"],
                "unparseable_this_run": curator.stats["unparseable"], "sft": counts}
     write_json(root / "summary.json", summary)

@@ -172,9 +172,9 @@ def test_bench_policy_names_a_base_policy_that_does_not_exist(mini_data, scratch
     assert code == 2 and "/nonexistent/editor" in err and "Traceback" not in err
 
 
-# the flag that hands each stage's critic its scoring templates (reward.load_prompts)
-PROMPT_FLAG = {"rl_gen": "--reward-prompt-file", "rl_edit": "--reward-prompt-file", "bench critics": "--prompt-file",
-               "bench policy": "--prompt-file", "reward score": "--prompt-file"}
+# the flag that hands each stage's critic (curate: its judge and its SFT records) the scoring templates (reward.load_prompts)
+PROMPT_FLAG = {"curate": "--prompt-file", "rl_gen": "--reward-prompt-file", "rl_edit": "--reward-prompt-file",
+               "bench critics": "--prompt-file", "bench policy": "--prompt-file", "reward score": "--prompt-file"}
 
 
 @pytest.mark.parametrize("stage", list(PROMPT_FLAG))

@@ -139,7 +139,12 @@ class ScriptedJudge(curate.ChatBackend):
     """A model judge whose answers are scripted: the real-data path end to end, without a model."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.prompts = [], None
+
+    def backend(self, args, prompts):
+        """curate.make_backend's stand-in: this judge, asked with the run's templates."""
+        self.prompts = prompts
+        return self
 
     def chat(self, images, text):
         self.calls.append(text)
@@ -153,7 +158,7 @@ class ScriptedJudge(curate.ChatBackend):
 def test_real_data_path_writes_sft_files_relative_to_their_directory(tmp_path, monkeypatch):
     cands = write_candidates(tmp_path)
     judge = ScriptedJudge()
-    monkeypatch.setattr(curate, "make_backend", lambda args: judge)
+    monkeypatch.setattr(curate, "make_backend", judge.backend)
     out = tmp_path / "out"
     curate.main(curate.get_args(["--judge", "scripted", "--edit-candidates", str(cands), "--out", str(out),
                                  "--balance-share", "0", "--ablation-direct", "0"]))
@@ -166,6 +171,27 @@ def test_real_data_path_writes_sft_files_relative_to_their_directory(tmp_path, m
             load_image(p, out / "sft")  # paths relative to the SFT file reach the candidates' images
     # the evaluator saw the difference report; the critic's SFT prompt will not
     assert any("Difference report:\nthe circle is now blue" in c for c in judge.calls)
+
+
+def test_a_template_file_reaches_the_judge_and_the_sft_records(tmp_path, monkeypatch):
+    """--prompt-file: the judge is asked with the given templates and the SFT records carry them, so the critic trained
+    on them turns an item into the same user turn when it is scored with the same file; modes the file leaves out keep
+    reward.PROMPTS."""
+    import reward
+    cands, judge = write_candidates(tmp_path), ScriptedJudge()
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps({"execution": "<image><image>Edit: {instruction}\nEXECUTION 1-5?"}))
+    monkeypatch.setattr(curate, "make_backend", judge.backend)
+    out = tmp_path / "out"
+    curate.main(curate.get_args(["--judge", "scripted", "--edit-candidates", str(cands), "--out", str(out),
+                                 "--balance-share", "0", "--ablation-direct", "0", "--prompt-file", str(templates)]))
+    assert sum(c.startswith("<image><image>Edit: ") for c in judge.calls) == 2  # one execution question per item
+    sft = {r["id"]: r for r in read_jsonl(out / "sft/edit_train.jsonl") + read_jsonl(out / "sft/edit_val.jsonl")}
+    rows = read_jsonl(cands)
+    assert sft["c0:execution"]["messages"][0]["content"] == f"<image><image>Edit: {rows[0]['instruction']}\nEXECUTION 1-5?"
+    assert sft["c0:consistency"]["messages"][0]["content"] == reward.build_prompt("consistency", rows[0]["instruction"])
+    scored = reward.critic_messages("execution", rows[0]["instruction"], prompts=reward.load_prompts(templates))
+    assert scored[0]["content"] == reward.content_parts(sft["c0:execution"]["messages"][0]["content"])
 
 
 def test_a_model_judge_gets_the_images_where_the_scoring_prompt_marks_them(tmp_path):
@@ -191,7 +217,7 @@ def test_a_model_judge_gets_the_images_where_the_scoring_prompt_marks_them(tmp_p
             self.asked.append((len(images), text))
             return '{"score": [4]}'
     item = {"source": "a.png", "edited": "b.png", "instruction": "Make it blue.", "_root": tmp_path}
-    report, answers = curate.ChatBackend(Judge(), 16).edit(item)
+    report, answers = curate.ChatBackend(Judge(), 16, reward.PROMPTS).edit(item)
     assert [n for n, _ in Judge.asked] == [2, 2, 2, 2] and Judge.asked[0][1] == curate.DIFF_PROMPTS[0]
     assert set(answers) == {"execution", "consistency"} and "Difference report" in Judge.asked[2][1]
 

@@ -145,7 +145,7 @@ def test_curate_checks_every_image_before_it_judges_anything(mini_data, tmp_path
             judged.append(text)
             return '{"score": [3]}'
 
-    monkeypatch.setattr(curate, "make_backend", lambda args: Judge())
+    monkeypatch.setattr(curate, "make_backend", lambda args, prompts: Judge())
     try:
         with pytest.raises(DataError, match=r"cands-corrupt-last.jsonl:5: field 'edited': image .*corrupt-last.png cannot be read"):
             curate.main(curate.get_args(["--judge", "unused", "--edit-candidates", str(cands), "--out", str(tmp_path / "out")]))
