@@ -126,8 +126,9 @@ class ChatBackend:
     def gen(self, item, direct=False):
         image = load_image(item["image"], item["_root"])
         plan = None if direct else self.chat([], PLAN_PROMPT.replace("{prompt}", item["prompt"]))
-        return plan, {m: self.chat([image], with_context(build_prompt(m, item["prompt"], prompts=self.prompts),
-                                                         "Analysis plan", plan)) for m in GEN_MODES}
+        return plan, {m: self.chat([image], with_context(build_prompt(m, item["prompt"], item.get("requirement"),
+                                                                      self.prompts), "Analysis plan", plan))
+                      for m in GEN_MODES}
 
 
 def make_backend(args, prompts):
@@ -217,7 +218,7 @@ def sft_records(rows, kind, image_prefix, prompts):
                             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["answers"][m]}]})
         else:
             for m in GEN_MODES:
-                prompt = build_prompt(m, r["prompt"], prompts=prompts)
+                prompt = build_prompt(m, r["prompt"], r.get("requirement"), prompts)
                 out.append({"id": f"{r['id']}:{m}", "mode": m, "score": r["scores"][m], "images": [image_prefix + r["image"]],
                             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["answers"][m]}]})
     return out

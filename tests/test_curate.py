@@ -194,6 +194,28 @@ def test_a_template_file_reaches_the_judge_and_the_sft_records(tmp_path, monkeyp
     assert scored[0]["content"] == reward.content_parts(sft["c0:execution"]["messages"][0]["content"])
 
 
+def test_a_gen_candidate_s_requirement_reaches_the_judge_and_its_record_as_the_critic_will_be_asked(tmp_path):
+    """A gen candidate's optional requirement is part of the instruction question, in the judge's question and in
+    the SFT record, exactly as reward.check_items puts it in the critic's question at scoring time."""
+    from PIL import Image
+    import reward
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "g.png")
+    item = {"image": "g.png", "prompt": "A red cat.", "requirement": "The cat is on the left.", "_root": tmp_path}
+
+    class Judge:
+        asked = []
+
+        def chat(self, images, text, max_new_tokens):
+            self.asked.append(text)
+            return "\\boxed{4}"
+    curate.ChatBackend(Judge(), 16, reward.PROMPTS).gen(item)
+    assert sum("Requirement: The cat is on the left." in t for t in Judge.asked) == 1  # the instruction question only
+    row = dict(item, id="g0", scores={"instruction": 4, "quality": [5, 5, 5]}, answers={"instruction": "a", "quality": "b"})
+    record = curate.sft_records([row], "gen", "", reward.PROMPTS)[0]
+    critic_turn = reward.check_items("instruction", [dict(item, image=Image.open(tmp_path / "g.png"))])[0]
+    assert record["mode"] == "instruction" and reward.content_parts(record["messages"][0]["content"]) == critic_turn
+
+
 def test_a_model_judge_gets_the_images_where_the_scoring_prompt_marks_them(tmp_path):
     from PIL import Image
     import reward
