@@ -131,17 +131,21 @@ def fill_from_rank0(model, full_state, device):
 # with one optimizer-state format
 
 
-def mixed_precision(device):
-    """bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; plain fp32 on CPU."""
+def mixed_precision(device, cast_inputs=True):
+    """bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; plain fp32 on CPU. cast_inputs=False:
+    the module's floating inputs arrive in the dtype its caller gives them, not cast to bf16 by FSDP."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
     if device.type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=cast_inputs)
     return MixedPrecisionPolicy()
 
 
-def fsdp_shard(root, blocks, device, mesh=None, mp=True):
+def fsdp_shard(root, blocks, device, mesh=None, mp=True, cast_root_inputs=True):
     """FSDP2 as the PyTorch examples do it: fully_shard each block (its parameters are gathered only while it runs),
     then the root (what is left: embeddings, heads). mp=False for frozen modules that already hold their dtype.
+    cast_root_inputs=False leaves the root's inputs to its caller (rl_gen: SD3's timestep must stay fp32); the
+    blocks still cast theirs.
 
     One process on the CPU has nothing to shard and no mixed precision to apply (mixed_precision: plain fp32), so
     there the module is left as it is, the single-process fallback: FSDP2's hooks would only cost time (a tiny
@@ -153,7 +157,7 @@ def fsdp_shard(root, blocks, device, mesh=None, mp=True):
     kw = {"mesh": mesh} | ({"mp_policy": mixed_precision(device)} if mp else {})
     for block in blocks:
         fully_shard(block, **kw)
-    fully_shard(root, **kw)
+    fully_shard(root, **kw | ({"mp_policy": mixed_precision(device, cast_root_inputs)} if mp else {}))
     return root
 
 

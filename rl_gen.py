@@ -41,8 +41,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from common import (add_rl_args, all_gather_values, cleanup_dist, clone_weights, DataError, evaluate_rl, fsdp_shard,
-                    full_weights, noise_like, parse_with_preset, print0, rank_batches, read_manifest, RLRun,
-                    run_stage, sample_seed, save_diffusers_model, save_lora_files, setup_dist, step_prompts,
+                    full_weights, mixed_precision, noise_like, parse_with_preset, print0, rank_batches, read_manifest,
+                    RLRun, run_stage, sample_seed, save_diffusers_model, save_lora_files, setup_dist, step_prompts,
                     tensor_to_pil, use_weights, write_json)
 from reward import METHODS, open_critic, rl_rewards
 
@@ -320,6 +320,7 @@ class Generator:
     def __init__(self, pipe, device, max_sequence_length=128, dtype=torch.float32):
         self.pipe, self.device, self.dtype = pipe, device, dtype  # dtype: of the frozen parts (and of saved weights)
         self.transformer, self.vae = pipe.transformer, pipe.vae
+        self.compute_dtype = pipe.transformer.dtype  # what the transformer computes in (make_policy: FSDP2's policy)
         self.shift = float(pipe.scheduler.config.get("shift", 1.0))  # SD3's timestep shift (3.0 for SD3.5-M)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         # deviation 3: no T5 encoder -> no T5 tokens (the pipeline would append as many zero vectors)
@@ -368,14 +369,15 @@ def encode_prompts(gen, prompts):
     return emb.float(), pooled.float()
 
 
-def velocity(transformer, x_t, t, emb, pooled):
+def velocity(transformer, x_t, t, emb, pooled, dtype):
     """The SD3 transformer's prediction v = eps - x0 at noise level t in [0, 1] (it takes t * 1000), in fp32.
 
-    The inputs are cast to the transformer's dtype (bf16 weights for inference on a GPU); under FSDP2 with a
-    mixed-precision policy the parameters report fp32 and the policy casts the inputs itself."""
-    dt = transformer.dtype
-    return transformer(hidden_states=x_t.to(dt), encoder_hidden_states=emb.to(dt), pooled_projections=pooled.to(dt),
-                       timestep=(t * 1000).to(dt), return_dict=False)[0].float()
+    dtype: what the transformer computes in (Generator.compute_dtype: bf16 on a GPU). The inputs are cast to it, but
+    the timestep stays fp32, as diffusers' SD3 pipeline and the release's training pass it: SD3 builds its sinusoidal
+    embedding in the timestep's dtype, and in bf16 both 1000 t (960.13 -> 960) and the frequencies round, which moves
+    the embedding by up to ~40% of its norm (857.69). make_policy keeps FSDP2 from casting it."""
+    return transformer(hidden_states=x_t.to(dtype), encoder_hidden_states=emb.to(dtype),
+                       pooled_projections=pooled.to(dtype), timestep=(t * 1000).float(), return_dict=False)[0].float()
 
 
 @torch.no_grad()
@@ -385,7 +387,7 @@ def sample_latents(gen, transformer, emb, pooled, seeds, timesteps, shape, batch
     for i in range(0, len(seeds), batch_size):
         e, p = emb[i:i + batch_size], pooled[i:i + batch_size]
         x_T = noise_like(shape, seeds[i:i + batch_size], gen.device)
-        x0, _ = ode_sample(lambda x, t: velocity(transformer, x, t, e, p), x_T, timesteps)
+        x0, _ = ode_sample(lambda x, t: velocity(transformer, x, t, e, p, gen.compute_dtype), x_T, timesteps)
         out.append(x0)
     return torch.cat(out) if out else torch.zeros(0, *shape, device=gen.device)
 
@@ -425,7 +427,8 @@ def make_policy(gen, args, device):
     if args.gradient_checkpointing:
         tr.enable_gradient_checkpointing()
     tr.train()
-    fsdp_shard(tr, tr.transformer_blocks, device)
+    fsdp_shard(tr, tr.transformer_blocks, device, cast_root_inputs=False)  # velocity casts all but the timestep
+    gen.compute_dtype = mixed_precision(device).param_dtype or tr.dtype
     return [p for p in tr.parameters() if p.requires_grad]
 
 
@@ -543,7 +546,7 @@ def main(args):
         micro = []
         for idx, real, emb, pooled, x0 in batches:
             ts, x_t = training_points(x0, levels[:-1], [seeds[j] for j in idx], T)  # (B, T), (B, T, C, h, w)
-            vfn = lambda x, t, e=emb, p=pooled: velocity(model, x, t, e, p)
+            vfn = lambda x, t, e=emb, p=pooled: velocity(model, x, t, e, p, gen.compute_dtype)
             micro.append((vfn, x_t, ts, x0, r[idx].to(device), (valid[idx] & real).float().to(device)))
         nft = nft_step(model, params, opt, old, ema, ref, micro, valid, step, args, world)
         run.log_step(step, rewards, nft, t0, t1, t2)

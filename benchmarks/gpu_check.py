@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import cleanup_dist, print0, setup_dist, write_json  # noqa: E402
+from common import cleanup_dist, mixed_precision, print0, setup_dist, write_json  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # sizes: REAL from the published configs; TINY the same layouts with a few layers and small widths (CPU test)
@@ -136,9 +136,6 @@ def init_shards_(model):
             x.normal_(0.0, p.shape[1] ** -0.5)  # p.shape: the full (unsharded) shape
 
 
-def mixed_precision(device):  # as the stage scripts: bf16 compute, fp32 gradient reduction on GPU; fp32 on CPU
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-
 # -----------------------------------------------------------------------------
 # a. rl_gen: one DiffusionNFT step of the SD3 generator
 
@@ -158,7 +155,8 @@ def part_generator(args, S, device, world):
     tr.train()
     for block in tr.transformer_blocks:
         fully_shard(block, mp_policy=mixed_precision(device))
-    fully_shard(tr, mp_policy=mixed_precision(device))
+    fully_shard(tr, mp_policy=mixed_precision(device, cast_inputs=False))  # velocity keeps the timestep fp32
+    dt = mixed_precision(device).param_dtype or torch.float32  # the compute dtype velocity casts the rest to
     params = [p for p in tr.parameters() if p.requires_grad]
     old, ref = clone_weights(params), clone_weights(params)  # the rollout policy and the frozen base (LoRA B = 0)
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)  # built after sharding: it holds the shards
@@ -173,13 +171,13 @@ def part_generator(args, S, device, world):
 
     def rollout():
         with use_weights(tr, params, old):
-            return ode_sample(lambda x, t: velocity(tr, x, t, emb, pooled), torch.randn(Br, C, H, W, device=device), levels)[0]
+            return ode_sample(lambda x, t: velocity(tr, x, t, emb, pooled, dt), torch.randn(Br, C, H, W, device=device), levels)[0]
 
     def train(x0):
         x0, e, p = x0[:Bt], emb[:Bt], pooled[:Bt]
         ts = torch.stack([levels[:-1][torch.randperm(len(levels) - 1)[:T]] for _ in range(Bt)]).float().to(device)  # (B, T)
         x_t = rectified_flow_interp(x0[:, None], torch.randn(Bt, T, C, H, W, device=device), ts[..., None, None, None])
-        v_at = lambda i: velocity(tr, x_t[:, i], ts[:, i], e, p)  # (B, C, H, W) at the i-th trained level
+        v_at = lambda i: velocity(tr, x_t[:, i], ts[:, i], e, p, dt)  # (B, C, H, W) at the i-th trained level
         with torch.no_grad():
             with use_weights(tr, params, old):
                 v_old = [v_at(i) for i in range(T)]

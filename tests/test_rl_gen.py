@@ -404,6 +404,56 @@ def test_torchrun_two_ranks_train_the_same_policy_as_one(tiny, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # up to summation order
 
 
+TIMESTEP_SCRIPT = r"""
+import types, torch, torch.distributed as dist
+from diffusers import SD3Transformer2DModel
+from torch.distributed.fsdp import MixedPrecisionPolicy
+import common, rl_gen
+rank, world, device = common.setup_dist()
+# the policy fsdp_shard applies on a GPU (bf16 compute, fp32 reduction), here on the CPU's gloo ranks
+gpu_policy = lambda device, cast_inputs=True: MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                                   cast_forward_inputs=cast_inputs)
+common.mixed_precision = rl_gen.mixed_precision = gpu_policy
+torch.manual_seed(0)
+tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                           num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8)
+gen = types.SimpleNamespace(transformer=tr, compute_dtype=tr.dtype)
+rl_gen.make_policy(gen, types.SimpleNamespace(full_finetune=False, seed=0, lora_rank=4, lora_alpha=8,
+                                              gradient_checkpointing=False), device)
+seen = {}
+tr.time_text_embed.time_proj.register_forward_pre_hook(lambda m, a: seen.update(t=a[0]))  # what SD3 embeds
+tr.transformer_blocks[0].register_forward_pre_hook(lambda m, a, k: seen.update(x=k["hidden_states"]), with_kwargs=True)
+t = torch.tensor([0.96013, 0.85769], dtype=torch.float64)  # 1000 t: 960.13 and 857.69, which bf16 rounds to 960 and 856
+v = rl_gen.velocity(tr, torch.randn(2, 4, 8, 8), t, torch.randn(2, 5, 16), torch.randn(2, 8), gen.compute_dtype)
+assert gen.compute_dtype == torch.bfloat16 and seen["x"].dtype == torch.bfloat16, (gen.compute_dtype, seen["x"].dtype)
+assert seen["t"].dtype == torch.float32 and torch.equal(seen["t"], (t * 1000).float()), seen["t"]
+assert v.dtype == torch.float32 and v.isfinite().all()
+print("ok", rank)
+dist.destroy_process_group()
+"""
+
+
+def test_under_fsdp2_s_bf16_policy_sd3_computes_in_bf16_but_gets_its_timestep_in_fp32(tmp_path):
+    # FSDP2 casts a module's floating inputs to its compute dtype; SD3 builds its sinusoidal timestep embedding in the
+    # timestep's dtype, so a bf16 timestep would move 1000 t (857.69 -> 856) and the embedding's frequencies
+    (tmp_path / "timestep.py").write_text(TIMESTEP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tmp_path / "timestep.py")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.count("ok") == 2, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+def test_a_bf16_transformer_gets_its_timestep_in_fp32_as_in_the_diffusers_pipeline(tiny):
+    # what bench.py policy runs on a GPU: the transformer loaded in bf16, no FSDP
+    gen = R.load_generator(tiny[0] / "gen", device="cpu", dtype=torch.bfloat16)
+    seen = []
+    gen.transformer.time_text_embed.time_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    R.generate(gen, ["Draw a large red circle at the center, on a white background."], [0], steps=3)
+    levels = R.noise_levels(gen.pipe.scheduler, 3)[:-1]
+    assert gen.compute_dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in seen)
+    assert [float(t[0]) for t in seen] == [float(x) for x in (levels * 1000).float()]
+
+
 def test_a_full_fine_tune_is_saved_sharded_in_the_given_dtype_and_reloads(tmp_path):
     from diffusers import SD3Transformer2DModel
     from common import save_diffusers_model

@@ -60,7 +60,8 @@ def pretrain_gen(args):
         emb, pooled = rl_gen.encode_prompts(gen, [gen_prompt(s, rng) for s in scenes])
         t = torch.rand(args.batch_size)
         eps = torch.randn_like(x0)
-        v = rl_gen.velocity(gen.transformer, rl_gen.rectified_flow_interp(x0, eps, t), t, emb, pooled)
+        x_t = rl_gen.rectified_flow_interp(x0, eps, t)
+        v = rl_gen.velocity(gen.transformer, x_t, t, emb, pooled, gen.compute_dtype)
         loss = ((v - (eps - x0)) ** 2).mean()  # flow matching: the velocity of x_t = (1-t) x0 + t eps is eps - x0
         opt.zero_grad(set_to_none=True)
         loss.backward()
