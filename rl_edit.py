@@ -123,6 +123,7 @@ class Editor:
     resolution: int  # working resolution: images are resized to about resolution^2 pixels
     device: torch.device
     dtype: torch.dtype  # compute dtype of the frozen text encoder / VAE
+    condition_area: int = CONDITION_AREA  # pixels of the source as the text encoder sees it
 
     @property
     def latent_channels(self):
@@ -186,7 +187,8 @@ def load_editor(model_dir, lora_dir=None, device=None, dtype=None, resolution=No
                                       adapter_name="default")
     if place:
         transformer, text_encoder = transformer.to(device), text_encoder.to(device)
-    editor = Editor(transformer, text_encoder, processor, scheduler, vae, resolution or extra.get("resolution", 512), device, dtype)
+    editor = Editor(transformer, text_encoder, processor, scheduler, vae, resolution or extra.get("resolution", 512), device, dtype,
+                    extra.get("condition_area", CONDITION_AREA))
     if vae is None and 3 * editor.space_to_depth ** 2 != editor.latent_channels:
         raise DataError(f"{model_dir}: no VAE and {editor.latent_channels} latent channels is not 3 x n^2 (space-to-depth)")
     return editor
@@ -239,12 +241,11 @@ def template_prefix_length(tokenizer):
     return len(tokenizer(SYSTEM_PREFIX, add_special_tokens=False)["input_ids"])
 
 
-def condition_image(im):
-    """The source as the text encoder sees it: about 384x384 pixels (never upscaled), like the pipeline."""
-    w, h = im.size
-    if w * h <= CONDITION_AREA:
-        return im
-    return im.resize(working_size(w, h, math.sqrt(CONDITION_AREA), 32), Image.BICUBIC)
+def condition_image(im, area=CONDITION_AREA):
+    """The source as the text encoder sees it, as the pipeline resizes it: about `area` pixels (384x384) with its
+    aspect ratio, sides multiples of 32, up or down, Lanczos (diffusers' image processor, like the release)."""
+    size = working_size(*im.size, math.sqrt(area), 32)
+    return im if im.size == size else im.resize(size, Image.LANCZOS)
 
 
 @torch.no_grad()
@@ -260,7 +261,7 @@ def encode_prompt(editor, instructions, sources):
             raise DataError(f"instruction {i} is empty or not a string: {s!r}")
     proc = editor.processor
     texts = [SYSTEM_PREFIX + USER_TURN.format(instruction=s) for s in instructions]
-    inputs = proc(text=texts, images=[condition_image(im) for im in sources], padding=True, return_tensors="pt")
+    inputs = proc(text=texts, images=[condition_image(im, editor.condition_area) for im in sources], padding=True, return_tensors="pt")
     if "mm_token_type_ids" not in inputs:  # an older processor: mark the image tokens ourselves (text 0, image 1)
         inputs["mm_token_type_ids"] = (inputs["input_ids"] == editor.text_encoder.config.image_token_id).long()
     inputs = {k: v.to(editor.device) for k, v in inputs.items()}
@@ -306,7 +307,7 @@ def prepare_sources(editor, images):
     for im in images:
         if working_size(*im.size, editor.resolution, editor.multiple) != (W, H):
             raise ValueError("one batch must share one aspect ratio")
-    x = torch.stack([pil_to_tensor(im.resize((W, H), Image.BICUBIC) if im.size != (W, H) else im) for im in images])
+    x = torch.stack([pil_to_tensor(im.resize((W, H), Image.LANCZOS) if im.size != (W, H) else im) for im in images])
     z = encode_latents(editor, x.to(editor.device))
     return x, pack(z), z.shape[-2:]
 

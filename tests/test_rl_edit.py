@@ -72,6 +72,20 @@ def test_working_size_keeps_the_aspect_ratio_in_multiples_of_the_packing():
 # the conditioning path: source tokens after the noisy ones, instruction encoded with correct positions
 
 
+def test_the_condition_image_is_resized_as_the_2509_pipeline_resizes_it_up_or_down():
+    # QwenImageEditPlusPipeline: about 384^2 pixels with the source's aspect ratio, multiples of 32, Lanczos
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for w, h in [(64, 64), (300, 200), (1024, 768), (384, 384)]:  # small sources are upscaled too
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        cw, ch = calculate_dimensions(CONDITION_IMAGE_SIZE, w / h)
+        want = VaeImageProcessor(vae_scale_factor=16).resize(im, ch, cw)
+        assert np.array_equal(np.asarray(rl_edit.condition_image(im)), np.asarray(want)), (w, h)
+    assert rl_edit.condition_image(im := Image.new("RGB", (64, 64)), 64 * 64) is im  # the tiny editor's area: as it is
+
+
 def test_source_latents_follow_the_noisy_latents_in_the_sequence_with_both_grids(editor):
     tr = editor.transformer
     srcs = [toy.render(t[0], 64) for t in scenes(2)]

@@ -318,6 +318,7 @@ def build_tiny_editor(out_dir, texts, resolution=EDIT_RESOLUTION, layers=3, head
     QwenImageEditPlusPipeline(scheduler=scheduler, vae=None, text_encoder=text_encoder, tokenizer=tok, processor=proc,
                               transformer=transformer).save_pretrained(out_dir)
     with open(f"{out_dir}/firm_edit.json", "w") as f:
-        json.dump({"resolution": resolution, "latents": "no VAE: pixels space-to-depth 2x2 (rl_edit.encode_latents)"}, f, indent=2)
+        json.dump({"resolution": resolution, "condition_area": 64 * 64,  # the world's 64 px sources, as they are
+                   "latents": "no VAE: pixels space-to-depth 2x2 (rl_edit.encode_latents)"}, f, indent=2)
     return sum(p.numel() for p in transformer.parameters())
 
