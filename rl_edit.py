@@ -27,8 +27,9 @@ Conditioning, as Qwen-Image-Edit-2509 does it (read diffusers' pipeline_qwenimag
     the token count).
 
 Departures from the paper / release (and those of rl_gen.py: weight values swapped in, failed rewards dropped):
-  1. Our own prompt encoding: it passes mm_token_type_ids to Qwen2.5-VL (diffusers drops it, so the image tokens get
-     1-D instead of 3-D M-RoPE positions) and measures the template prefix to drop (diffusers hard-codes 64).
+  1. Our own prompt encoding: it passes mm_token_type_ids to Qwen2.5-VL (diffusers drops it, so under transformers 5
+     the image tokens get 1-D instead of 3-D M-RoPE positions; the release's transformers 4 derived 3-D ones from the
+     input ids, as here) and measures the template prefix to drop (diffusers hard-codes 64).
   2. Our own sampler (rl_gen.ode_sample) at --resolution (512 px, the paper's), not the pipeline's ~1 MP; edits are
      resized back to the source's size for the critic.
   3. Defaults follow the release's editing configs where the paper is silent or differs: lr 1.5e-3, 24 prompts x 12

@@ -24,7 +24,8 @@ Departures from the paper / release:
   1. The old policy, the EMA and the frozen base are values of the trained parameters swapped into the one sharded
      model (common.use_weights). With LoRA the frozen base is the adapters at B = 0: exactly the base model.
   2. A sample whose critic answer gave no score is dropped from its group and from training, and counted
-     (reward_fail); the release turns it into 0.
+     (reward_fail); the release turns a failed instruction score into reward 0 and a failed quality into none
+     (the instruction score alone).
   3. Without a T5 encoder no T5 tokens are appended; without a VAE the latents are pixels (decode() knows).
   4. Every --eval-every steps the EMA weights draw one image per held-out prompt (fixed seeds), scored by the
      critic and, with --eval-judge SPEC, by an independent judge; with the rollouts' ODE sampler (the release: Euler).
