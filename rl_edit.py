@@ -262,7 +262,8 @@ def encode_prompt(editor, instructions, sources):
             raise DataError(f"instruction {i} is empty or not a string: {s!r}")
     proc = editor.processor
     texts = [SYSTEM_PREFIX + USER_TURN.format(instruction=s) for s in instructions]
-    inputs = proc(text=texts, images=[condition_image(im, editor.condition_area) for im in sources], padding=True, return_tensors="pt")
+    images = [condition_image(im, editor.condition_area) for im in sources]
+    inputs = proc(text=texts, images=images, padding=True, return_tensors="pt")
     if "mm_token_type_ids" not in inputs:  # an older processor: mark the image tokens ourselves (text 0, image 1)
         inputs["mm_token_type_ids"] = (inputs["input_ids"] == editor.text_encoder.config.image_token_id).long()
     inputs = {k: v.to(editor.device) for k, v in inputs.items()}
