@@ -24,8 +24,7 @@ Departures from the paper / release:
   1. The old policy, the EMA and the frozen base are values of the trained parameters swapped into the one sharded
      model (common.use_weights). With LoRA the frozen base is the adapters at B = 0: exactly the base model.
   2. A sample whose critic answer gave no score is dropped from its group and from training, and counted
-     (reward_fail); the release turns a failed instruction score into reward 0 and a failed quality into none
-     (the instruction score alone).
+     (reward_fail); the release rewards a failed instruction score 0, a failed quality the instruction score alone.
   3. Without a T5 encoder no T5 tokens are appended; without a VAE the latents are pixels (decode() knows).
   4. Every --eval-every steps the EMA weights draw one image per held-out prompt (fixed seeds), scored by the
      critic and, with --eval-judge SPEC, by an independent judge; with the rollouts' ODE sampler (the release: Euler).
@@ -320,8 +319,7 @@ class Generator:
 
     def __init__(self, pipe, device, max_sequence_length=128, dtype=torch.float32):
         self.pipe, self.device, self.dtype = pipe, device, dtype  # dtype: of the frozen parts (and of saved weights)
-        self.transformer, self.vae = pipe.transformer, pipe.vae
-        self.compute_dtype = pipe.transformer.dtype  # what the transformer computes in (make_policy: FSDP2's policy)
+        self.transformer, self.vae, self.compute_dtype = pipe.transformer, pipe.vae, pipe.transformer.dtype  # compute dtype: make_policy sets FSDP2's
         self.shift = float(pipe.scheduler.config.get("shift", 1.0))  # SD3's timestep shift (3.0 for SD3.5-M)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         # deviation 3: no T5 encoder -> no T5 tokens (the pipeline would append as many zero vectors)
@@ -373,10 +371,8 @@ def encode_prompts(gen, prompts):
 def velocity(transformer, x_t, t, emb, pooled, dtype):
     """The SD3 transformer's prediction v = eps - x0 at noise level t in [0, 1] (it takes t * 1000), in fp32.
 
-    dtype: what the transformer computes in (Generator.compute_dtype: bf16 on a GPU). The inputs are cast to it, but
-    the timestep stays fp32, as diffusers' SD3 pipeline and the release's training pass it: SD3 builds its sinusoidal
-    embedding in the timestep's dtype, and in bf16 both 1000 t (960.13 -> 960) and the frequencies round, which moves
-    the embedding by up to ~40% of its norm (857.69). make_policy keeps FSDP2 from casting it."""
+    dtype: Generator.compute_dtype, for all inputs but the timestep: fp32 as in the SD3 pipeline and the release (bf16
+    rounds 1000 t and the embedding's frequencies: 857.69 -> 856, 38% of its norm; make_policy stops FSDP2's cast)."""
     return transformer(hidden_states=x_t.to(dtype), encoder_hidden_states=emb.to(dtype),
                        pooled_projections=pooled.to(dtype), timestep=(t * 1000).float(), return_dict=False)[0].float()
 
