@@ -31,7 +31,7 @@ Departures from the paper / release (and those of rl_gen.py: weight values swapp
      the image tokens get 1-D instead of 3-D M-RoPE positions; the release's transformers 4 derived 3-D ones from the
      input ids, as here) and measures the template prefix to drop (diffusers hard-codes 64).
   2. Our own sampler (rl_gen.ode_sample) at --resolution (512 px, the paper's), not the pipeline's ~1 MP; edits are
-     resized back to the source's size for the critic.
+     resized back to the source's size for the critic. Its state and stored x0 stay fp32 (the release's: bf16).
   3. Defaults follow the release's editing configs where the paper is silent or differs: lr 1.5e-3, 24 prompts x 12
      edits per step, 15 evaluation steps, gradient checkpointing; 150 steps as the paper. The LoRA is trained and saved
      guidance-free: sample it with true_cfg_scale=1.0.
