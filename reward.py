@@ -443,7 +443,7 @@ class Critic:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         return batch
 
-    def decoding(self, max_new_tokens, samples=1):
+    def _decoding(self, max_new_tokens, samples=1):
         """samples=1: plain greedy decoding, as the release's SamplingParams(temperature=0); the checkpoint's penalties
         (Qwen2.5-VL ships repetition_penalty 1.05) are set to neutral, as transformers fills a None from the checkpoint.
         samples > 1: the checkpoint's sampling settings (Qwen3-VL: temperature 0.7, top_p 0.8, top_k 20)."""
@@ -456,7 +456,7 @@ class Critic:
 
     def _generate(self, mode, batch, samples, soft=False):  # -> one Judgement per item
         limit = self.max_new_tokens or MAX_NEW_TOKENS[mode]
-        gc = self.decoding(limit, samples)
+        gc = self._decoding(limit, samples)
         recorder = DigitRecorder(self.digit_classes) if soft else None
         seqs = self.model.generate(**batch, generation_config=gc, logits_processor=[recorder] if soft else None)
         seqs = seqs[:, batch["input_ids"].shape[1]:]  # (B * samples, <= limit)
@@ -483,7 +483,7 @@ class Critic:
     def chat(self, images, text, max_new_tokens=512):
         """A free-form question about `images` (curate's difference reports and plans): the greedy answer."""
         batch = self._inputs([content_parts(mark_images(text, len(images), "the judge prompt"))], [images])
-        seq = self.model.generate(**batch, generation_config=self.decoding(max_new_tokens))[0, batch["input_ids"].shape[1]:]
+        seq = self.model.generate(**batch, generation_config=self._decoding(max_new_tokens))[0, batch["input_ids"].shape[1]:]
         return self.tok.decode(seq, skip_special_tokens=True)
 
     def score_slots(self, mode):
