@@ -439,10 +439,10 @@ def test_greedy_answers_are_plain_greedy_whatever_penalties_the_checkpoint_ships
     """The release decodes with vLLM's SamplingParams(temperature=0): no repetition penalty. A checkpoint's
     generation_config may carry one (transformers fills unset fields from it): scores and chat answers ignore it."""
     critic = Critic(critic_base, max_new_tokens=12, batch_size=2)
-    items, images = edit_items(2), [[img()]]
-    plain = [j.text for j in critic.score("execution", items)], critic.chat(images[0], "Describe <image>.", 12)
+    items, image = edit_items(2), img()
+    plain = [j.text for j in critic.score("execution", items)], critic.chat([image], "Describe <image>.", 12)
     critic.model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=2, min_new_tokens=12)
-    assert ([j.text for j in critic.score("execution", items)], critic.chat(images[0], "Describe <image>.", 12)) == plain
+    assert ([j.text for j in critic.score("execution", items)], critic.chat([image], "Describe <image>.", 12)) == plain
     # the penalties do change this model's answers where they apply, so the equality above is not vacuous
     batch = critic._inputs(reward.check_items("execution", items), [[it["source"], it["edited"]] for it in items])
     penalised = critic.model.generate(**batch, max_new_tokens=12)[:, batch["input_ids"].shape[1]:]
