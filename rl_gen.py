@@ -319,7 +319,8 @@ class Generator:
 
     def __init__(self, pipe, device, max_sequence_length=128, dtype=torch.float32):
         self.pipe, self.device, self.dtype = pipe, device, dtype  # dtype: of the frozen parts (and of saved weights)
-        self.transformer, self.vae, self.compute_dtype = pipe.transformer, pipe.vae, pipe.transformer.dtype  # compute dtype: make_policy sets FSDP2's
+        self.transformer, self.vae = pipe.transformer, pipe.vae
+        self.compute_dtype = pipe.transformer.dtype  # what velocity casts its inputs to; make_policy sets FSDP2's
         self.shift = float(pipe.scheduler.config.get("shift", 1.0))  # SD3's timestep shift (3.0 for SD3.5-M)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         # deviation 3: no T5 encoder -> no T5 tokens (the pipeline would append as many zero vectors)
